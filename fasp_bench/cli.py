@@ -1,0 +1,179 @@
+"""`fasp-bench prune|eval|prune-speed`: one-line errors, non-zero exits, progress bars on long stages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import pruning
+from pruning.arch import get_adapter
+from pruning.budget import check_sparsity
+from pruning.checkpoint import check_output_dir, save_pruned
+from pruning.methods import get_method
+
+from . import __version__
+from .data import (
+    C4_SHARD,
+    CALIBRATION_DOCS,
+    DATA_ENV,
+    calibration_ids,
+    data_dir,
+    data_file,
+    wikitext2_test_text,
+)
+from .errors import BenchError
+from .models import DEFAULT_MODEL, load_config, load_model
+from .perplexity import perplexity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _default_seqlen(config, requested: int | None) -> int:
+    return requested or min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+
+
+def _method_options(args) -> dict:
+    return {"restore": False} if args.method == "fasp" and args.no_restore else {}
+
+
+def _calibration(args, tokenizer, config):
+    seqlen = _default_seqlen(config, args.seqlen)
+    ids = calibration_ids(tokenizer, args.nsamples, seqlen, args.seed, data_dir(args.data))
+    source = "c4-train docs 0-499 (shipped shard)" if data_dir(args.data) else "c4-train docs 0-499 (hub)"
+    return ids, {"dataset": source, "documents": [CALIBRATION_DOCS.start, CALIBRATION_DOCS.stop],
+                 "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed}
+
+
+def cmd_prune(args) -> int:
+    # Validate everything cheap before reading any weights.
+    sparsity = check_sparsity(args.sparsity)
+    get_method(args.method, **_method_options(args))
+    check_output_dir(args.out, args.overwrite)
+    root = data_dir(args.data)
+    if root is not None:
+        data_file(root, C4_SHARD)
+    config = load_config(args.model)
+    get_adapter(config)
+
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    ids, calibration = _calibration(args, tokenizer, config)
+    result = pruning.prune(model, method=args.method, sparsity=sparsity, calibration=ids,
+                           batch_size=args.batch_size, device=args.device, **_method_options(args))
+    metadata = {**result.metadata, "source_model": args.model, "calibration": calibration}
+    save_pruned(result.model, args.out, metadata, tokenizer=tokenizer, overwrite=args.overwrite)
+    m = result.metadata
+    print(f"{args.method} sparsity {m['sparsity_requested']:.3f} -> realised {m['sparsity_realised']:.4f} "
+          f"of prunable, {m['model_sparsity_realised']:.4f} of all parameters "
+          f"({m['total_params']['before']:,} -> {m['total_params']['after']:,}); "
+          f"{m['prune_seconds']:.1f} s; saved {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    root = data_dir(args.data)
+    model, tokenizer = load_model(args.checkpoint, DTYPES[args.dtype], check_supported=False)
+    seqlen = _default_seqlen(model.config, args.seqlen)
+    for name in args.ppl.split(","):
+        if name != "wikitext2":
+            raise BenchError(f"unknown perplexity set {name!r}: choose wikitext2")
+        ids = tokenizer(wikitext2_test_text(root), return_tensors="pt").input_ids
+        started = time.perf_counter()
+        result = perplexity(model, ids, seqlen, args.max_windows, args.batch_size, desc=name)
+        print(f"{name}: ppl {result['ppl']:.3f} over {result['windows']} windows of {seqlen} "
+              f"({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def cmd_prune_speed(args) -> int:
+    """Prune wall time / one dense forward over the same calibration tokens (target <= 2.5)."""
+    sparsity = check_sparsity(args.sparsity)
+    get_method(args.method)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    device = torch.device(args.device or "cpu")
+    model.to(device)
+    ids, _ = _calibration(args, tokenizer, model.config)
+    with torch.no_grad():
+        model(input_ids=ids[: args.batch_size].to(device), use_cache=False)  # warm-up
+        _sync(device)
+        started = time.perf_counter()
+        for batch in ids.split(args.batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+        _sync(device)
+        forward = time.perf_counter() - started
+    started = time.perf_counter()
+    pruning.prune(model, method=args.method, sparsity=sparsity, calibration=ids, batch_size=args.batch_size,
+                  device=device)
+    _sync(device)
+    prune_time = time.perf_counter() - started
+    print(f"device {device}; {ids.shape[0]}x{ids.shape[1]} calibration tokens; dense forward {forward:.2f} s; "
+          f"{args.method} prune {prune_time:.2f} s; ratio {prune_time / forward:.2f} (target <= 2.5)")
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _add_model_args(p: argparse.ArgumentParser, calibration: bool = True) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"Hugging Face folder, hub id, or embedded name (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV}; unset: the hub)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", help="where blocks are processed, e.g. cuda (default: where the model is)")
+    if calibration:
+        p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+        p.add_argument("--seqlen", type=int, help="calibration window length (default min(2048, model max))")
+        p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasp-bench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fasp-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save a smaller Hugging Face checkpoint")
+    _add_model_args(p)
+    p.add_argument("--method", default="fasp", help=f"one of {', '.join(sorted(pruning.METHODS))}")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-restore", action="store_true", help="FASP without least-squares restoration (ablation)")
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint or model")
+    p.add_argument("checkpoint")
+    p.add_argument("--ppl", default="wikitext2", help="comma-separated sets: wikitext2")
+    p.add_argument("--seqlen", type=int, help="window length (default min(2048, model max))")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick profile)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
+    _add_model_args(p)
+    p.add_argument("--method", default="fasp")
+    p.add_argument("--sparsity", type=float, default=0.2)
+    p.set_defaults(run=cmd_prune_speed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (BenchError, pruning.PruningError) as err:
+        print(f"fasp-bench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fasp-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

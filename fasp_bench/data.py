@@ -1,0 +1,93 @@
+"""Evaluation and calibration data, offline-first.
+
+With `FASP_BENCH_DATA` (or `--data DIR`) the shipped files are read; without it the same sets are
+loaded through `datasets` from the hub. C4 documents 0-499 of the shipped train shard are the
+calibration pool; 500-999 are held out for evaluation ("c4-heldout"), so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import BenchError
+
+DATA_ENV = "FASP_BENCH_DATA"
+C4_SHARD = "c4/c4-train.00000-of-01024.first1000.jsonl.gz"
+WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"
+CALIBRATION_DOCS = range(0, 500)
+HELDOUT_DOCS = range(500, 1000)
+
+
+def data_dir(flag: str | None = None) -> Path | None:
+    """The offline data folder (`--data` beats `FASP_BENCH_DATA`), or None to use the hub."""
+    value = flag or os.environ.get(DATA_ENV)
+    if not value:
+        return None
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        source = "--data" if flag else DATA_ENV
+        raise BenchError(f"data directory {root} (from {source}) does not exist: point {DATA_ENV} or --data "
+                         "at the folder that holds c4/ and wikitext-2-raw/")
+    return root
+
+
+def data_file(root: Path, relative: str) -> Path:
+    path = root / relative
+    if not path.is_file():
+        raise BenchError(f"missing data file {path}: {DATA_ENV} (or --data) must point at a folder with {relative}")
+    return path
+
+
+def c4_documents(root: Path | None, docs: range) -> list[str]:
+    """Texts of documents `docs` of C4 en train shard 0."""
+    if root is None:
+        from datasets import load_dataset
+
+        shard = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                             split="train")
+        return list(shard.select(docs)["text"])
+    with gzip.open(data_file(root, C4_SHARD), "rt", encoding="utf-8") as lines:
+        texts = [json.loads(line)["text"] for _, line in zip(range(docs.stop), lines)]
+    if len(texts) < docs.stop:
+        raise BenchError(f"{root / C4_SHARD} has only {len(texts)} documents, {docs.stop} needed: re-stage the data")
+    return texts[docs.start:docs.stop]
+
+
+def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int = 0, root: Path | None = None,
+                    ) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens from C4 documents 0-499, as LongTensor [nsamples, seqlen].
+
+    The documents are shuffled with `seed`, joined with EOS into one token stream, and windows start at
+    seeded random offsets. (GPTQ/Wanda draw random documents longer than seqlen from the 356k-document
+    shard; with 500 documents only 18 exceed 2048 SmolLM2 tokens, so windows may cross documents here.)
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise BenchError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    generator = torch.Generator().manual_seed(seed)
+    texts = c4_documents(root, CALIBRATION_DOCS)
+    order = torch.randperm(len(texts), generator=generator).tolist()
+    encoded = tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream = torch.tensor([t for doc in encoded for t in (*doc, eos)], dtype=torch.long)
+    if len(stream) <= seqlen:
+        raise BenchError(f"calibration text has {len(stream)} tokens, fewer than --seqlen {seqlen}: lower --seqlen")
+    starts = torch.randint(0, len(stream) - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def wikitext2_test_text(root: Path | None) -> str:
+    """The WikiText-2 raw test split joined with "\\n\\n" (the SparseGPT/Wanda perplexity text)."""
+    if root is None:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+    else:
+        raw = data_file(root, WIKITEXT2_TEST).read_text(encoding="utf-8")
+        # The hub rows: blank lines (a single space) are "", text lines keep their newline.
+        rows = ["" if line.strip() == "" else line + "\n" for line in raw.split("\n")[:-1]]
+    return "\n\n".join(rows)

@@ -1,0 +1,32 @@
+"""Perplexity, SparseGPT/Wanda protocol: the text tokenised once, non-overlapping windows of `seqlen`
+tokens, token-level NLL averaged over every predicted token, then exp."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+               batch_size: int = 4, progress: bool = True, desc: str = "ppl") -> dict:
+    ids = token_ids.flatten()
+    windows = ids.numel() // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    chunks = ids[: windows * seqlen].view(windows, seqlen)
+    device = next(model.parameters()).device
+    nll, predicted = 0.0, 0
+    for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        predicted += batch[:, 1:].numel()
+    return {"ppl": math.exp(nll / predicted), "nll": nll / predicted, "windows": windows,
+            "predicted_tokens": predicted, "seqlen": seqlen}

@@ -1,0 +1,108 @@
+"""`prune(model, method=..., sparsity=..., calibration=...)`: the one entry point of the library."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from . import __version__
+from .arch import get_adapter
+from .budget import check_sparsity, prunable_params, total_params, uniform_removals
+from .calibrate import capture_block_inputs, collect_input_stats, run_block
+from .errors import PruningError
+from .methods import get_method, keep_top_units
+from .surgery import cut, kept_columns
+
+
+@dataclass
+class PruneResult:
+    model: PreTrainedModel
+    metadata: dict = field(default_factory=dict)  # what pruning.json records
+    # per layer: coupling name -> indices of the kept units (the layer's original numbering)
+    kept_units: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _check_calibration(calibration: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
+        raise PruningError("calibration must be a non-empty [nsamples, seqlen] tensor of token ids")
+    return calibration.long()
+
+
+def prune(
+    model: PreTrainedModel,
+    method: str = "fasp",
+    sparsity: float = 0.2,
+    calibration: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **method_options,
+) -> PruneResult:
+    """Prune `model` so that `sparsity` of its prunable parameters are removed, physically.
+
+    calibration: LongTensor [nsamples, seqlen] of token ids. device: where each block is processed
+    (default: where the model is); only one block is moved there at a time.
+    method_options: passed to the method, e.g. `restore=False` for FASP.
+    """
+    sparsity = check_sparsity(sparsity)
+    pruner = get_method(method, **method_options)
+    adapter = get_adapter(model.config)
+    calibration = _check_calibration(calibration)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    started = time.perf_counter()
+
+    model = adapter.to_project(model.eval())
+    layers = adapter.layers(model)
+    prunable_before, total_before = prunable_params(adapter, layers), total_params(model)
+    plan = uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
+
+    kept_units: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    if any(n for layer_plan in plan for n in layer_plan.values()):
+        with torch.no_grad():
+            inputs = capture_block_inputs(model, layers[0], calibration.split(batch_size), device)
+            for i, layer in enumerate(tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="block",
+                                           disable=not progress)):
+                layer.to(device)
+                couplings = [c for c in adapter.couplings(layer, pruner.attention_unit) if plan[i].get(c.name)]
+                stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram)
+                for c in couplings:
+                    consumer = layer.get_submodule(c.consumer)
+                    col_scores = pruner.column_scores(consumer.weight, stats[c.consumer])
+                    keep = keep_top_units(pruner.unit_scores(c, col_scores), plan[i][c.name], c.groups)
+                    weight, bias = pruner.restore(consumer, stats[c.consumer], kept_columns(c, keep))
+                    cut(layer, c, keep, weight, bias)
+                    kept_units[i][c.name] = keep
+                del stats
+                run_block(layer, inputs)
+                layer.to(home)
+            del inputs
+
+    model = adapter.finalize(model)
+    layers = adapter.layers(model)
+    prunable_after, total_after = prunable_params(adapter, layers), total_params(model)
+    shapes = [adapter.layer_shape(layer) for layer in layers]
+    metadata = {
+        "method": method,
+        "method_options": pruner.describe(),
+        "sparsity_requested": sparsity,
+        "sparsity_realised": 1 - prunable_after / prunable_before,
+        "model_sparsity_realised": 1 - total_after / total_before,
+        "prunable_params": {"before": prunable_before, "after": prunable_after},
+        "total_params": {"before": total_before, "after": total_after},
+        "calibration": {"nsamples": calibration.shape[0], "seqlen": calibration.shape[1]},
+        "prune_seconds": time.perf_counter() - started,
+        "architecture": type(model).__name__,
+        "layers": {
+            "ffn_widths": [s.ffn_width for s in shapes],
+            "kv_heads": [s.kv_heads for s in shapes],
+            "v_head_dims": [s.v_head_dim for s in shapes],
+        },
+        "fasp_bench_version": __version__,
+    }
+    return PruneResult(model, metadata, kept_units)

@@ -1,0 +1,45 @@
+"""What a pruning method is: a column score, a unit score, and what to do with the consumer afterwards.
+
+Everything else (calibration, width allocation, selection, cutting) is shared, so a method file holds
+only what makes the method itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import Coupling
+from ..calibrate import InputStats
+
+
+class PruningMethod:
+    name: str = ""
+    attention_unit: str = "channel"  # "channel": V dimensions in every KV head; "head": whole KV groups
+    needs_gram: bool = False
+
+    def column_scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        """Importance of each consumer input column, shape [in_features]."""
+        raise NotImplementedError
+
+    def unit_scores(self, coupling: Coupling, column_scores: torch.Tensor) -> torch.Tensor:
+        """Importance of each unit: the sum over the consumer columns it feeds."""
+        return column_scores[coupling.columns].sum(-1)
+
+    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The consumer's new weight on `keep_columns` and its bias. Default: plain slicing."""
+        return consumer.weight[:, keep_columns], consumer.bias
+
+    def describe(self) -> dict:
+        """Method options recorded in pruning.json."""
+        return {}
+
+
+def keep_top_units(scores: torch.Tensor, n_remove: int, groups: int) -> torch.Tensor:
+    """Indices of the kept units, sorted: the top ones of each group, each group keeping the same count."""
+    per_group = scores.numel() // groups
+    n_keep = per_group - n_remove // groups
+    top = scores.view(groups, per_group).topk(n_keep, dim=1).indices
+    offsets = torch.arange(groups, device=scores.device)[:, None] * per_group
+    return (top + offsets).flatten().sort().values
