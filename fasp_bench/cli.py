@@ -36,7 +36,19 @@ def _default_seqlen(config, requested: int | None) -> int:
 
 
 def _method_options(args) -> dict:
-    return {"restore": False} if args.method == "fasp" and args.no_restore else {}
+    """Method-specific flags -> options of that method (a flag given to another method is refused)."""
+    given = {"--no-restore": ("fasp", "restore", False) if args.no_restore else None,
+             "--structure": ("flap", "structure", args.structure) if args.structure else None,
+             "--no-compensate": ("flap", "compensate", False) if args.no_compensate else None}
+    options = {}
+    for flag, spec in given.items():
+        if spec is None:
+            continue
+        method, key, value = spec
+        if args.method != method:
+            raise BenchError(f"{flag} applies to --method {method}, not {args.method}")
+        options[key] = value
+    return options
 
 
 def _calibration(args, tokenizer, config):
@@ -90,7 +102,7 @@ def cmd_eval(args) -> int:
 def cmd_prune_speed(args) -> int:
     """Prune wall time / one dense forward over the same calibration tokens (target <= 2.5)."""
     sparsity = check_sparsity(args.sparsity)
-    get_method(args.method)
+    get_method(args.method, **_method_options(args))
     model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     device = torch.device(args.device or "cpu")
     model.to(device)
@@ -105,7 +117,7 @@ def cmd_prune_speed(args) -> int:
         forward = time.perf_counter() - started
     started = time.perf_counter()
     pruning.prune(model, method=args.method, sparsity=sparsity, calibration=ids, batch_size=args.batch_size,
-                  device=device)
+                  device=device, **_method_options(args))
     _sync(device)
     prune_time = time.perf_counter() - started
     print(f"device {device}; {ids.shape[0]}x{ids.shape[1]} calibration tokens; dense forward {forward:.2f} s; "
@@ -131,6 +143,15 @@ def _add_model_args(p: argparse.ArgumentParser, calibration: bool = True) -> Non
         p.add_argument("--seed", type=int, default=0)
 
 
+def _add_method_args(p: argparse.ArgumentParser, sparsity_required: bool) -> None:
+    p.add_argument("--method", default="fasp", help=f"one of {', '.join(sorted(pruning.METHODS))} (default fasp)")
+    p.add_argument("--sparsity", type=float, required=sparsity_required, default=None if sparsity_required else 0.2,
+                   help="fraction of prunable (attention + MLP) parameters to remove, in [0, 1)")
+    p.add_argument("--no-restore", action="store_true", help="FASP without least-squares restoration (ablation)")
+    p.add_argument("--structure", help="FLAP structure: AL-AM (adaptive, default) or UL-UM (uniform)")
+    p.add_argument("--no-compensate", action="store_true", help="FLAP without bias compensation (ablation)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasp-bench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fasp-bench {__version__}")
@@ -138,11 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save a smaller Hugging Face checkpoint")
     _add_model_args(p)
-    p.add_argument("--method", default="fasp", help=f"one of {', '.join(sorted(pruning.METHODS))}")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove")
+    _add_method_args(p, sparsity_required=True)
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-restore", action="store_true", help="FASP without least-squares restoration (ablation)")
     p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint or model")
@@ -157,8 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
     _add_model_args(p)
-    p.add_argument("--method", default="fasp")
-    p.add_argument("--sparsity", type=float, default=0.2)
+    _add_method_args(p, sparsity_required=False)
     p.set_defaults(run=cmd_prune_speed)
     return parser
 

@@ -10,11 +10,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import __version__
-from .arch import get_adapter
-from .budget import check_sparsity, prunable_params, total_params, uniform_removals
+from .arch import Coupling, get_adapter
+from .budget import check_sparsity, global_removals, prunable_params, total_params, uniform_removals
 from .calibrate import capture_block_inputs, collect_input_stats, run_block
 from .errors import PruningError
-from .methods import get_method, keep_top_units
+from .methods import PruningMethod, get_method, keep_top_units
 from .surgery import cut, kept_columns
 
 
@@ -24,6 +24,20 @@ class PruneResult:
     metadata: dict = field(default_factory=dict)  # what pruning.json records
     # per layer: coupling name -> indices of the kept units (the layer's original numbering)
     kept_units: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _cut_layer(pruner: PruningMethod, layer: torch.nn.Module, couplings: list[Coupling], scores: dict,
+               removals: dict[str, int], stats: dict) -> dict[str, torch.Tensor]:
+    """Choose, restore and cut every coupling of one layer that loses units; return the kept units."""
+    kept = {}
+    for c in couplings:
+        if not removals.get(c.name):
+            continue
+        keep = keep_top_units(scores[c.name], removals[c.name], c.groups)
+        weight, bias = pruner.restore(layer.get_submodule(c.consumer), stats[c.consumer], kept_columns(c, keep))
+        cut(layer, c, keep, weight, bias)
+        kept[c.name] = keep
+    return kept
 
 
 def _check_calibration(calibration: torch.Tensor | None) -> torch.Tensor:
@@ -63,25 +77,37 @@ def prune(
     plan = uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
 
     kept_units: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    if any(n for layer_plan in plan for n in layer_plan.values()):
+    plan = None if pruner.allocation == "global" else uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
+    if plan is None or any(n for layer_plan in plan for n in layer_plan.values()):
         with torch.no_grad():
             inputs = capture_block_inputs(model, layers[0], calibration.split(batch_size), device)
+            scored: list[tuple[list[Coupling], dict, dict]] = []  # per layer, for a plan made after scoring
             for i, layer in enumerate(tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="block",
                                            disable=not progress)):
                 layer.to(device)
-                couplings = [c for c in adapter.couplings(layer, pruner.attention_unit) if plan[i].get(c.name)]
-                stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram)
-                for c in couplings:
-                    consumer = layer.get_submodule(c.consumer)
-                    col_scores = pruner.column_scores(consumer.weight, stats[c.consumer])
-                    keep = keep_top_units(pruner.unit_scores(c, col_scores), plan[i][c.name], c.groups)
-                    weight, bias = pruner.restore(consumer, stats[c.consumer], kept_columns(c, keep))
-                    cut(layer, c, keep, weight, bias)
-                    kept_units[i][c.name] = keep
-                del stats
-                run_block(layer, inputs)
+                couplings = [c for c in adapter.couplings(layer, pruner.attention_unit)
+                             if plan is None or plan[i].get(c.name)]
+                dense = pruner.propagation == "dense"  # then the next block sees this block's dense output
+                stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram,
+                                            advance=dense)
+                scores = {c.name: pruner.unit_scores(c, pruner.column_scores(
+                    c, layer.get_submodule(c.consumer).weight, stats[c.consumer])) for c in couplings}
+                if dense:
+                    scored.append((couplings, scores, stats))
+                else:
+                    kept_units[i] = _cut_layer(pruner, layer, couplings, scores, plan[i], stats)
+                    run_block(layer, inputs)
                 layer.to(home)
             del inputs
+            if scored:
+                if plan is None:
+                    costs = [{c.name: c.unit_cost(layer) for c in couplings}
+                             for layer, (couplings, _, _) in zip(layers, scored)]
+                    plan = global_removals([s for _, s, _ in scored], costs, sparsity, prunable_before)
+                for i, (layer, (couplings, scores, stats)) in enumerate(zip(layers, scored)):
+                    layer.to(device)
+                    kept_units[i] = _cut_layer(pruner, layer, couplings, scores, plan[i], stats)
+                    layer.to(home)
 
     model = adapter.finalize(model)
     layers = adapter.layers(model)

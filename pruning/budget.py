@@ -3,12 +3,13 @@
 Sparsity is the fraction of prunable parameters (attention + MLP weight matrices of all blocks) to
 remove, the same definition for every method. Uniform allocation removes the same fraction r of every
 coupling's units, with r chosen so that the removed parameters equal the request; per layer, the
-coarsest couplings (whole heads, V dimensions in every KV head) are rounded first and the finest
-(FFN neurons) absorb the rounding, so each layer lands within half a neuron of its share.
+couplings with coarse steps (whole heads, one V dimension in every KV head) are rounded first and the
+FFN neurons absorb the rounding, so each layer lands within half a neuron of its share.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .arch import ArchAdapter, Coupling
@@ -44,7 +45,8 @@ def uniform_removals(adapter: ArchAdapter, layers: nn.ModuleList, sparsity: floa
                 f"pruning (at most {removable / (target / sparsity):.3f}): ask for less"
             )
         ratio = min(target / removable, 1.0) if removable else 0.0
-        ordered = sorted(couplings, key=lambda c: -costs[c.name])
+        # the last coupling absorbs the rounding: a fine one with no equal-count groups (FFN neurons)
+        ordered = sorted(couplings, key=lambda c: (c.groups == 1, -costs[c.name]))
         removed, layer_plan = 0, {}
         for c in ordered[:-1]:
             per_group = round(ratio * c.num_units / c.groups)
@@ -53,4 +55,32 @@ def uniform_removals(adapter: ArchAdapter, layers: nn.ModuleList, sparsity: floa
         finest = ordered[-1]
         layer_plan[finest.name] = min(max(round((target - removed) / costs[finest.name]), 0), finest.num_units)
         plan.append(layer_plan)
+    return plan
+
+
+def global_removals(unit_scores: list[dict[str, torch.Tensor]], unit_costs: list[dict[str, int]],
+                    sparsity: float, prunable: int) -> list[dict[str, int]]:
+    """Remove the globally lowest-scoring units, across layers and couplings, until the removed
+    parameters reach `sparsity * prunable`. A unit that would overshoot the budget by more than half
+    of the cheapest unit is skipped, so methods still meet at equal size (within half a neuron).
+
+    Scores must be comparable across layers and couplings (FLAP standardizes them per module).
+    """
+    scores, costs, owners = [], [], []
+    for i, (layer_scores, layer_costs) in enumerate(zip(unit_scores, unit_costs)):
+        for name, s in layer_scores.items():
+            scores.append(s.double().cpu())
+            costs += [layer_costs[name]] * s.numel()
+            owners += [(i, name)] * s.numel()
+    target = sparsity * prunable
+    slack = 0.5 * min(costs, default=0)
+    plan: list[dict[str, int]] = [dict.fromkeys(layer, 0) for layer in unit_scores]
+    removed = 0
+    for k in torch.cat(scores).argsort(stable=True).tolist() if scores else []:
+        if removed >= target - slack:
+            break
+        if removed + costs[k] <= target + slack:
+            i, name = owners[k]
+            plan[i][name] += 1
+            removed += costs[k]
     return plan

@@ -107,17 +107,21 @@ class InputStats:
 
 
 @torch.no_grad()
-def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str],
-                        with_gram: bool) -> dict[str, InputStats]:
-    """One pass of the (unpruned) block over all inputs, accumulating statistics of each named linear's input."""
+def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str], with_gram: bool,
+                        advance: bool = False) -> dict[str, InputStats]:
+    """One pass of the (unpruned) block over all inputs, accumulating statistics of each named linear's
+    input. With `advance`, the inputs are replaced by the block's outputs in the same pass."""
     stats = {name: InputStats(with_gram) for name in linears}
     handles = [
         block.get_submodule(name).register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
         for name in linears
     ]
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            block(hidden, **kwargs)
+        if advance:
+            run_block(block, inputs)
+        else:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                block(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

@@ -53,6 +53,8 @@ class ArchAdapter:
 
     stock_model_types: tuple[str, ...] = ()
     ffn_width_key: str  # the stock config's FFN width field
+    attn_output: str  # path of the attention output linear inside a block
+    ffn_output: str  # path of the FFN output linear inside a block
     stock_model_cls: type[PreTrainedModel]
     project_model_cls: type[PreTrainedModel]
     project_config_cls: type[PretrainedConfig]
@@ -111,8 +113,17 @@ class ArchAdapter:
         return rebuild(model, self.project_model_cls, self.project_config(model.config, shapes))
 
     def finalize(self, model: PreTrainedModel) -> PreTrainedModel:
-        """After surgery: the stock class where every layer kept stock shapes, else the project one."""
-        shapes = [self.layer_shape(layer) for layer in self.layers(model)]
+        """After surgery: the stock class where every layer kept stock shapes, else the project one.
+
+        An output bias added to some layers (compensation) is added, as zeros, to all, since the
+        project config records output biases per model, not per layer.
+        """
+        layers = self.layers(model)
+        for path in (self.attn_output, self.ffn_output):
+            if any(layer.get_submodule(path).bias is not None for layer in layers):
+                for layer in layers:
+                    add_zero_bias(layer.get_submodule(path))
+        shapes = [self.layer_shape(layer) for layer in layers]
         base = model.config
         if self.is_stock_compatible(base, shapes):
             stock_cfg = self.stock_config(base, shapes[0])
@@ -130,6 +141,12 @@ def _plain_fields(config: PretrainedConfig) -> dict:
     for key in PROJECT_CONFIG_KEYS:
         fields.pop(key, None)
     return fields
+
+
+def add_zero_bias(linear: nn.Linear) -> None:
+    if linear.bias is None:
+        weight = linear.weight
+        linear.bias = nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=weight.requires_grad)
 
 
 def rebuild(model: PreTrainedModel, cls: type[PreTrainedModel], config: PretrainedConfig) -> PreTrainedModel:

@@ -126,6 +126,8 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
 
 class LlamaAdapter(ArchAdapter):
     stock_model_types = ("llama",)
+    attn_output = "self_attn.o_proj"
+    ffn_output = "mlp.down_proj"
     ffn_width_key = "intermediate_size"
     stock_model_cls = LlamaForCausalLM
     project_model_cls = PrunedLlamaForCausalLM

@@ -124,6 +124,8 @@ class PrunedOPTForCausalLM(OPTForCausalLM):
 
 class OPTAdapter(ArchAdapter):
     stock_model_types = ("opt",)
+    attn_output = "self_attn.out_proj"
+    ffn_output = "fc2"
     ffn_width_key = "ffn_dim"
     stock_model_cls = OPTForCausalLM
     project_model_cls = PrunedOPTForCausalLM

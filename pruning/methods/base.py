@@ -17,8 +17,12 @@ class PruningMethod:
     name: str = ""
     attention_unit: str = "channel"  # "channel": V dimensions in every KV head; "head": whole KV groups
     needs_gram: bool = False
+    # "pruned": block k+1 is calibrated on the pruned block k's outputs; "dense": on the dense outputs,
+    # every block scored before any is cut (what a global allocation needs)
+    propagation: str = "pruned"
+    allocation: str = "uniform"  # "uniform": the same fraction everywhere; "global": one threshold
 
-    def column_scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    def column_scores(self, coupling: Coupling, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         """Importance of each consumer input column, shape [in_features]."""
         raise NotImplementedError
 

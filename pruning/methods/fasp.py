@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch import Coupling
 from ..calibrate import InputStats
 from . import register
 from .base import PruningMethod
@@ -42,7 +43,7 @@ class FASP(PruningMethod):
         self.damping = damping
         self.needs_gram = restore
 
-    def column_scores(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    def column_scores(self, coupling: Coupling, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         return weight.abs().sum(0).double() * stats.norm
 
     def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor):
