@@ -38,6 +38,8 @@ def _default_seqlen(config, requested: int | None) -> int:
 def _method_options(args) -> dict:
     """Method-specific flags -> options of that method (a flag given to another method is refused)."""
     given = {"--no-restore": ("fasp", "restore", False) if args.no_restore else None,
+             "--damping": ("fasp", "damping", args.damping) if args.damping is not None else None,
+             "--damping-toward": ("fasp", "damping_toward", args.damping_toward) if args.damping_toward else None,
              "--structure": ("flap", "structure", args.structure) if args.structure else None,
              "--no-compensate": ("flap", "compensate", False) if args.no_compensate else None}
     options = {}
@@ -148,6 +150,8 @@ def _add_method_args(p: argparse.ArgumentParser, sparsity_required: bool) -> Non
     p.add_argument("--sparsity", type=float, required=sparsity_required, default=None if sparsity_required else 0.2,
                    help="fraction of prunable (attention + MLP) parameters to remove, in [0, 1)")
     p.add_argument("--no-restore", action="store_true", help="FASP without least-squares restoration (ablation)")
+    p.add_argument("--damping", type=float, help="FASP restoration damping, a fraction of mean diag(G) (default 0.1)")
+    p.add_argument("--damping-toward", help="FASP restoration damps toward the 'original' weights (default) or 'zero'")
     p.add_argument("--structure", help="FLAP structure: AL-AM (adaptive, default) or UL-UM (uniform)")
     p.add_argument("--no-compensate", action="store_true", help="FLAP without bias compensation (ablation)")
 

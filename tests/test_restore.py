@@ -33,6 +33,18 @@ def test_restoration_matches_lstsq():
     torch.testing.assert_close(restored, reference, rtol=1e-8, atol=1e-8)
 
 
+def test_both_damping_forms_tend_to_lstsq_and_to_their_priors():
+    x, w, keep = _layer_problem()
+    gram = x.T @ x
+    reference = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
+    for toward in ("original", "zero"):
+        tiny = restore_least_squares(w, gram, keep, damping=1e-9, toward=toward)
+        torch.testing.assert_close(tiny, reference, rtol=1e-5, atol=1e-5)
+    huge = 1e9
+    torch.testing.assert_close(restore_least_squares(w, gram, keep, huge, "original"), w[:, keep], rtol=1e-6, atol=1e-6)
+    assert restore_least_squares(w, gram, keep, huge, "zero").abs().max() < 1e-6
+
+
 def test_restoration_lowers_the_output_error():
     x, w, keep = _layer_problem()
     target = x @ w.T

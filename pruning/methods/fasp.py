@@ -2,8 +2,15 @@
 
 Score of consumer column j: S_j = sum_i |W_ij| * ||X_j||_2. A unit (FFN neuron, or one V dimension of a
 KV head) scores the sum over the consumer columns it feeds. After the kept columns S are chosen, the
-consumer is refit so its output on the calibration inputs matches the dense output in least squares:
-    W_S = W G[:, S] (G[S, S] + lambda I)^-1,   G = X^T X,   lambda = damping * mean(diag G[S, S]).
+consumer is refit so its output on the calibration inputs matches the dense output in least squares,
+from the Gram matrix G = X^T X alone, with damping lambda = damping * mean(diag G[S, S]):
+
+    toward="zero":      W_S = W G[:, S] (G[S, S] + lambda I)^-1                  (ridge: shrinks W_S to 0)
+    toward="original":  W_S = (W G[:, S] + lambda W[:, S]) (G[S, S] + lambda I)^-1  (shrinks W_S to W[:, S])
+
+Both are the exact least-squares optimum as lambda -> 0. The default damps toward the original weights:
+on SmolLM2 the ridge form's shrinkage made restoration worse than none (see the README), while damping
+toward W[:, S] interpolates between the least-squares fit and plain slicing.
 """
 
 from __future__ import annotations
@@ -13,18 +20,23 @@ from torch import nn
 
 from ..arch import Coupling
 from ..calibrate import InputStats
+from ..errors import PruningError
 from . import register
 from .base import PruningMethod
 
+DAMPING_TOWARD = ("original", "zero")
+
 
 def restore_least_squares(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor,
-                          damping: float = 0.01) -> torch.Tensor:
-    """argmin_{W_S} ||X_S W_S^T - X W^T||^2 (ridge-damped), from the Gram matrix alone."""
+                          damping: float = 0.1, toward: str = "original") -> torch.Tensor:
+    """argmin_{W_S} ||X_S W_S^T - X W^T||^2 + lambda ||W_S - prior||^2, prior = W[:, S] or 0."""
     gram = gram.double()
     g_ss = gram[keep][:, keep]
     lam = damping * g_ss.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     g_ss = g_ss + lam * torch.eye(len(keep), dtype=gram.dtype, device=gram.device)
     rhs = gram[keep] @ weight.double().T  # G[S, :] W^T = (W G[:, S])^T, G symmetric
+    if toward == "original":
+        rhs += lam * weight.double()[:, keep].T
     chol, info = torch.linalg.cholesky_ex(g_ss)
     if info.item() == 0:
         solution = torch.cholesky_solve(rhs, chol)
@@ -38,9 +50,14 @@ class FASP(PruningMethod):
     name = "fasp"
     attention_unit = "channel"
 
-    def __init__(self, restore: bool = True, damping: float = 0.01):
+    def __init__(self, restore: bool = True, damping: float = 0.1, damping_toward: str = "original"):
+        if damping_toward not in DAMPING_TOWARD:
+            raise PruningError(f"unknown damping target {damping_toward!r}: choose {' or '.join(DAMPING_TOWARD)}")
+        if not damping >= 0:
+            raise PruningError(f"damping {damping!r} must be >= 0 (a fraction of the mean Gram diagonal, e.g. 0.1)")
         self.restore_weights = restore
         self.damping = damping
+        self.damping_toward = damping_toward
         self.needs_gram = restore
 
     def column_scores(self, coupling: Coupling, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
@@ -49,7 +66,8 @@ class FASP(PruningMethod):
     def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor):
         if not self.restore_weights:
             return super().restore(consumer, stats, keep_columns)
-        return restore_least_squares(consumer.weight, stats.gram, keep_columns, self.damping), consumer.bias
+        weight = restore_least_squares(consumer.weight, stats.gram, keep_columns, self.damping, self.damping_toward)
+        return weight, consumer.bias
 
     def describe(self) -> dict:
-        return {"restore": self.restore_weights, "damping": self.damping}
+        return {"restore": self.restore_weights, "damping": self.damping, "damping_toward": self.damping_toward}
