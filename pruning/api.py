@@ -74,20 +74,20 @@ def prune(
     model = adapter.to_project(model.eval())
     layers = adapter.layers(model)
     prunable_before, total_before = prunable_params(adapter, layers), total_params(model)
-    plan = uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
-
     kept_units: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     plan = None if pruner.allocation == "global" else uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
     if plan is None or any(n for layer_plan in plan for n in layer_plan.values()):
         with torch.no_grad():
             inputs = capture_block_inputs(model, layers[0], calibration.split(batch_size), device)
-            scored: list[tuple[list[Coupling], dict, dict]] = []  # per layer, for a plan made after scoring
+            # "dense" propagation: the next block sees this block's dense output, and every block is
+            # scored before any is cut (a global plan needs all scores)
+            dense = pruner.propagation == "dense"
+            scored: list[tuple[list[Coupling], dict, dict]] = []
             for i, layer in enumerate(tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="block",
                                            disable=not progress)):
                 layer.to(device)
                 couplings = [c for c in adapter.couplings(layer, pruner.attention_unit)
                              if plan is None or plan[i].get(c.name)]
-                dense = pruner.propagation == "dense"  # then the next block sees this block's dense output
                 stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram,
                                             advance=dense)
                 scores = {c.name: pruner.unit_scores(c, pruner.column_scores(
