@@ -3,11 +3,14 @@
 Sparsity is the fraction of prunable parameters (attention + MLP weight matrices of all blocks) to
 remove, the same definition for every method. Uniform allocation removes the same fraction r of every
 coupling's units, with r chosen so that the removed parameters equal the request; per layer, the
-couplings with coarse steps (whole heads, one V dimension in every KV head) are rounded first and the
-FFN neurons absorb the rounding, so each layer lands within half a neuron of its share.
+couplings with coarse steps (whole heads, one V dimension in every KV head) are rounded down first
+(FLAP's code floors its head count too) and the FFN neurons absorb the rest, so each layer lands
+within half a neuron of its share.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -47,13 +50,17 @@ def uniform_removals(adapter: ArchAdapter, layers: nn.ModuleList, sparsity: floa
         ratio = min(target / removable, 1.0) if removable else 0.0
         # the last coupling absorbs the rounding: a fine one with no equal-count groups (FFN neurons)
         ordered = sorted(couplings, key=lambda c: (c.groups == 1, -costs[c.name]))
-        removed, layer_plan = 0, {}
-        for c in ordered[:-1]:
-            per_group = round(ratio * c.num_units / c.groups)
-            layer_plan[c.name] = per_group * c.groups
-            removed += layer_plan[c.name] * costs[c.name]
-        finest = ordered[-1]
-        layer_plan[finest.name] = min(max(round((target - removed) / costs[finest.name]), 0), finest.num_units)
+        *coarse, finest = ordered
+        # Coarse couplings round down, as FLAP's code does (int(ratio * num_heads) heads), unless the
+        # finest cannot absorb the rest; then they round up.
+        for rounding in (math.floor, math.ceil):
+            layer_plan = {c.name: min(rounding(ratio * c.num_units / c.groups + 1e-9) * c.groups, c.num_units)
+                          for c in coarse}
+            rest = target - sum(layer_plan[c.name] * costs[c.name] for c in coarse)
+            layer_plan[finest.name] = max(round(rest / costs[finest.name]), 0)
+            if layer_plan[finest.name] <= finest.num_units:
+                break
+        layer_plan[finest.name] = min(layer_plan[finest.name], finest.num_units)
         plan.append(layer_plan)
     return plan
 
