@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
+from pathlib import Path
 
+import pandas as pd
 import torch
 
 import pruning
@@ -15,24 +18,16 @@ from pruning.checkpoint import check_output_dir, save_pruned
 from pruning.methods import get_method
 
 from . import __version__
-from .data import (
-    C4_SHARD,
-    CALIBRATION_DOCS,
-    DATA_ENV,
-    calibration_ids,
-    data_dir,
-    data_file,
-    wikitext2_test_text,
-)
+from .data import C4_SHARD, CALIBRATION_DOCS, DATA_ENV, calibration_ids, data_dir, data_file
 from .errors import BenchError
+from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
 from .models import DEFAULT_MODEL, load_config, load_model
-from .perplexity import perplexity
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .store import STORE_FILE, ResultsStore
+from .zeroshot import ALL_TASKS, resolve_tasks
 
 
 def _default_seqlen(config, requested: int | None) -> int:
-    return requested or min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+    return requested or default_seqlen(config)
 
 
 def _method_options(args) -> dict:
@@ -88,16 +83,16 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     root = data_dir(args.data)
-    model, tokenizer = load_model(args.checkpoint, DTYPES[args.dtype], check_supported=False)
-    seqlen = _default_seqlen(model.config, args.seqlen)
-    for name in args.ppl.split(","):
-        if name != "wikitext2":
-            raise BenchError(f"unknown perplexity set {name!r}: choose wikitext2")
-        ids = tokenizer(wikitext2_test_text(root), return_tensors="pt").input_ids
-        started = time.perf_counter()
-        result = perplexity(model, ids, seqlen, args.max_windows, args.batch_size, desc=name)
-        print(f"{name}: ppl {result['ppl']:.3f} over {result['windows']} windows of {seqlen} "
-              f"({time.perf_counter() - started:.1f} s)")
+    tasks_dirs = tuple(Path(d) for d in args.tasks_dir)
+    protocol = EvalProtocol(ppl=tuple(n for n in args.ppl.split(",") if n and n != "none"),
+                            tasks=tuple(resolve_tasks(args.zeroshot, list(tasks_dirs))), seqlen=args.seqlen,
+                            max_windows=args.max_windows, limit=args.limit, seed=args.seed, dtype=args.dtype,
+                            batch_size=args.batch_size, tasks_dirs=tasks_dirs)
+    store = ResultsStore(Path(args.run_dir) / STORE_FILE)
+    rows = evaluate(args.checkpoint, store, protocol, root)
+    table = pd.DataFrame(rows).drop(columns="model")
+    print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))
+    print(f"results: {store.path}")
     return 0
 
 
@@ -168,14 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity of a checkpoint or model")
-    p.add_argument("checkpoint")
-    p.add_argument("--ppl", default="wikitext2", help="comma-separated sets: wikitext2")
-    p.add_argument("--seqlen", type=int, help="window length (default min(2048, model max))")
-    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick profile)")
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a checkpoint or model, into the store")
+    p.add_argument("checkpoint", help="pruned checkpoint folder, Hugging Face folder, hub id or embedded name")
+    p.add_argument("--ppl", default="wikitext2,c4",
+                   help="comma-separated perplexity sets: wikitext2, c4 (offline: c4-heldout), or none")
+    p.add_argument("--zeroshot", default="none",
+                   help=f"comma-separated lm-eval tasks, 'all' ({', '.join(ALL_TASKS)}) or none (default)")
+    p.add_argument("--tasks-dir", action="append", default=[],
+                   help="extra folder of lm-eval task YAMLs (repeatable; ${FASP_BENCH_DATA} is filled in)")
+    p.add_argument("--seqlen", type=int, help="perplexity window length (default min(2048, model max))")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows of each set (quick profile)")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task (quick profile)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"fasp-bench: warning: {message}\n"
     try:
         return args.run(args)
     except (BenchError, pruning.PruningError) as err:

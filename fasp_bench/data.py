@@ -21,6 +21,9 @@ C4_SHARD = "c4/c4-train.00000-of-01024.first1000.jsonl.gz"
 WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"
 CALIBRATION_DOCS = range(0, 500)
 HELDOUT_DOCS = range(500, 1000)
+C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_WINDOWS = 256  # SparseGPT's C4 protocol scores the first 256 * seqlen tokens
+PERPLEXITY_SETS = ("wikitext2", "c4")
 
 
 def data_dir(flag: str | None = None) -> Path | None:
@@ -91,3 +94,30 @@ def wikitext2_test_text(root: Path | None) -> str:
         # The hub rows: blank lines (a single space) are "", text lines keep their newline.
         rows = ["" if line.strip() == "" else line + "\n" for line in raw.split("\n")[:-1]]
     return "\n\n".join(rows)
+
+
+
+def c4_eval_text(root: Path | None) -> str:
+    """C4 perplexity text, documents joined with " " as SparseGPT does.
+
+    Hub: the first 1100 documents of validation shard 0 ("c4-validation"). Offline: documents 500-999 of
+    the shipped train shard ("c4-heldout"), which calibration (documents 0-499) never sees.
+    """
+    if root is None:
+        from datasets import load_dataset
+
+        shard = load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION}, split="validation")
+        return " ".join(shard.select(range(1100))["text"])
+    return " ".join(c4_documents(root, HELDOUT_DOCS))
+
+
+def perplexity_dataset(name: str, root: Path | None) -> str:
+    """What a perplexity set resolves to: wikitext2, c4-heldout (offline) or c4-validation (hub)."""
+    if name not in PERPLEXITY_SETS:
+        raise BenchError(f"unknown perplexity set {name!r}: choose from {', '.join(PERPLEXITY_SETS)}")
+    return {"wikitext2": "wikitext2", "c4": "c4-validation" if root is None else "c4-heldout"}[name]
+
+
+def perplexity_text(name: str, root: Path | None) -> str:
+    perplexity_dataset(name, root)
+    return wikitext2_test_text(root) if name == "wikitext2" else c4_eval_text(root)

@@ -7,6 +7,7 @@ atomically, so a half-written conversion is never used.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from pruning.arch import get_adapter
@@ -122,8 +124,27 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, check_supported: b
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BenchError(f"cannot load the model or tokenizer from {spec}: {first} "
                          "(is the checkpoint complete? re-create it)") from None
     return model, tokenizer
+
+
+def fingerprint(spec: str) -> str:
+    """Content hash of a model folder (config and weight files), the results-store identity of a model.
+
+    A re-pruned checkpoint at the same path gets a new fingerprint, so stale results are never reused.
+    A hub id that is not local is identified by its name.
+    """
+    path = Path(resolve_model(spec))
+    if not path.is_dir():
+        return f"hub:{spec}"
+    digest = hashlib.sha256()
+    files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as weights:
+            while chunk := weights.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]

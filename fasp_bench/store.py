@@ -1,0 +1,82 @@
+"""Append-only JSONL results store: one record per (checkpoint fingerprint, metric, protocol).
+
+Each record is one line written with a single write, then flushed and fsynced, so a process killed at
+any moment loses at most the measurement in flight. A torn last line (the kill landed mid-write) is
+ignored with a warning and cut off before the next append; a rerun skips every measurement on record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__
+
+STORE_FILE = "results.jsonl"
+
+
+def record_key(fingerprint: str, metric: str, protocol: dict) -> str:
+    return json.dumps([fingerprint, metric, protocol], sort_keys=True)
+
+
+class ResultsStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._records: dict[str, dict] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]
+        if tail.strip():
+            warnings.warn(f"{self.path}: ignoring a torn last line ({len(tail)} bytes; a run was killed mid-write)",
+                          stacklevel=3)
+        for number, line in enumerate(complete, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = record_key(record["fingerprint"], record["metric"], record["protocol"])
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(f"{self.path}:{number}: ignoring a line that is not a results record", stacklevel=3)
+                continue
+            self._records[key] = record
+
+    def records(self) -> list[dict]:
+        return list(self._records.values())
+
+    def get(self, fingerprint: str, metric: str, protocol: dict) -> dict | None:
+        return self._records.get(record_key(fingerprint, metric, protocol))
+
+    def add(self, fingerprint: str, metric: str, protocol: dict, result: dict, **fields) -> dict:
+        record = {"fingerprint": fingerprint, "metric": metric, "protocol": protocol, "result": result, **fields,
+                  "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fasp_bench": __version__}
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as out:
+            size = out.tell()
+            if size:  # cut a torn tail so the new record starts on its own line
+                out.truncate(self.path.read_bytes().rfind(b"\n") + 1)
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+        self._records[record_key(fingerprint, metric, protocol)] = record
+        return record
+
+    def measure(self, fingerprint: str, metric: str, protocol: dict, run: Callable[[], dict],
+                **fields) -> tuple[dict, bool]:
+        """(record, cached): the stored record, or run the measurement and store it with its wall time."""
+        found = self.get(fingerprint, metric, protocol)
+        if found is not None:
+            return found, True
+        started = time.perf_counter()
+        result = run()
+        return self.add(fingerprint, metric, protocol, result, wall_s=round(time.perf_counter() - started, 3),
+                        **fields), False

@@ -1,0 +1,133 @@
+"""Zero-shot accuracy through lm-eval, with the project's task YAMLs reading the shipped files.
+
+Tasks are data: every `*.yaml` in `fasp_bench/tasks/` (and in any `--tasks-dir`) is an lm-eval task config.
+`${FASP_BENCH_DATA}` in a YAML is replaced by the data folder before lm-eval reads it. Without a data
+folder, or for a task with no YAML here (HellaSwag), lm-eval's own task is used, which needs the hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .data import DATA_ENV, data_file
+from .errors import BenchError
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+# The zero-shot suite of the pruning literature (Wanda, FLAP, FASP), in their table order.
+ALL_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+_TASK_LINE = re.compile(r"^task:\s*(\S+)\s*$", re.MULTILINE)
+_DATA_REF = re.compile(r"\$\{" + DATA_ENV + r"\}/([^\s\"']+)")
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def task_yamls(tasks_dirs: list[Path] | None = None) -> dict[str, Path]:
+    """Task name -> YAML file; a YAML in a user folder overrides the project's of the same name."""
+    found: dict[str, Path] = {}
+    for folder in [TASKS_DIR, *(tasks_dirs or [])]:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BenchError(f"tasks folder {folder} does not exist: --tasks-dir takes a folder of lm-eval task YAMLs")
+        for path in sorted(folder.glob("*.yaml")):
+            match = _TASK_LINE.search(path.read_text(encoding="utf-8"))
+            if match:
+                found[match.group(1)] = path
+    return found
+
+
+def resolve_tasks(spec: str, tasks_dirs: list[Path] | None = None) -> list[str]:
+    """`all`, `none` or a comma-separated list -> task names (unknown names are refused)."""
+    known = task_yamls(tasks_dirs)
+    if spec in ("", "none"):
+        return []
+    if spec == "all":
+        return list(ALL_TASKS) + [name for name in known if name not in ALL_TASKS]
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known and name not in ALL_TASKS]
+    if unknown:
+        raise BenchError(f"unknown zero-shot task {unknown[0]!r}: choose from {', '.join(sorted({*ALL_TASKS, *known}))}"
+                         " or 'all', or add a YAML with --tasks-dir")
+    return names
+
+
+def check_task_data(tasks: list[str], data_root: Path | None, tasks_dirs: list[Path] | None = None) -> None:
+    """Fail before any model is loaded if a task's YAML names a data file that is not there."""
+    yamls = task_yamls(tasks_dirs)
+    if data_root is None:
+        return
+    for task in tasks:
+        if task in yamls:
+            for relative in _DATA_REF.findall(yamls[task].read_text(encoding="utf-8")):
+                data_file(data_root, relative)
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in _OFFLINE_ENV)
+
+
+def task_source(task: str, data_root: Path | None, tasks_dirs: list[Path] | None = None) -> tuple[str, str | None]:
+    """(source, digest): a project/user YAML over shipped files, or lm-eval's own task on the hub.
+
+    The digest of the YAML text is part of the results key, so editing a task re-measures it.
+    """
+    path = task_yamls(tasks_dirs).get(task)
+    if path is not None and data_root is not None:
+        return f"yaml:{path.name}", hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return "lm-eval (hub)", None
+
+
+def unavailable_reason(task: str, data_root: Path | None, tasks_dirs: list[Path] | None = None) -> str | None:
+    source, _ = task_source(task, data_root, tasks_dirs)
+    if source.startswith("yaml:") or not hub_offline():
+        return None
+    why = "has no offline copy" if task not in task_yamls(tasks_dirs) else f"needs {DATA_ENV} or --data"
+    return f"{task} {why} and the hub is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
+
+
+@contextmanager
+def task_manager(data_root: Path | None, tasks_dirs: list[Path] | None, defaults: bool):
+    """An lm-eval TaskManager over the YAMLs with `${FASP_BENCH_DATA}` filled in (a temporary copy)."""
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="fasp-bench-tasks-") as tmp:
+        include = []
+        if data_root is not None:
+            for i, folder in enumerate([TASKS_DIR, *(tasks_dirs or [])]):
+                target = Path(tmp) / str(i)
+                shutil.copytree(folder, target, ignore=shutil.ignore_patterns("__pycache__"))
+                for path in target.glob("*.yaml"):
+                    path.write_text(path.read_text(encoding="utf-8").replace("${" + DATA_ENV + "}",
+                                                                             str(data_root.resolve())))
+                include.append(str(target))
+        yield TaskManager(include_path=include or None, include_defaults=defaults or not include)
+
+
+def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: int | None = None,
+                  batch_size: int = 8, seed: int = 0, tasks_dirs: list[Path] | None = None) -> dict:
+    """acc (and acc_norm where lm-eval's task defines it) of one task, zero-shot."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    defaults = task_source(task, data_root, tasks_dirs)[0] == "lm-eval (hub)"
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    with task_manager(data_root, tasks_dirs, defaults) as manager:
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                          num_fewshot=0, bootstrap_iters=0, log_samples=False,
+                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed)
+        except (OSError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BenchError(f"zero-shot task {task} could not run: {first}") from None
+    scores = out["results"][task]
+    samples = out.get("n-samples", {}).get(task, {})
+    return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"),
+            "docs": samples.get("effective"), "docs_total": samples.get("original")}

@@ -1,0 +1,98 @@
+"""`fasp-bench eval`: a table and records in the store; reruns reuse them; kill -9 loses only what was in flight."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_cli import run_cli
+
+EVAL = ("--ppl", "wikitext2,c4", "--seqlen", "64", "--max-windows", "3", "--zeroshot", "arc_easy,winogrande",
+        "--limit", "4")
+
+
+def _keys(path):
+    return [json.dumps([r["fingerprint"], r["metric"], r["protocol"]], sort_keys=True)
+            for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_eval_prints_a_table_and_a_rerun_measures_nothing(tiny_model_dirs, data_root, tmp_path):
+    done = run_cli("eval", tiny_model_dirs["opt"], *EVAL, "--zeroshot", "arc_easy,hellaswag",
+                   "--run-dir", tmp_path, env_data=data_root)
+    assert done.returncode == 0, done.stderr
+    assert "ppl wikitext2" in done.stdout and "ppl c4-heldout" in done.stdout and "zero-shot arc_easy" in done.stdout
+    assert "unavailable" in done.stdout  # hellaswag: no offline copy, tox runs with the hub off
+    store = tmp_path / "results.jsonl"
+    first = store.read_text()
+    assert len(first.splitlines()) == 3
+    again = run_cli("eval", tiny_model_dirs["opt"], *EVAL, "--zeroshot", "arc_easy", "--run-dir", tmp_path,
+                    env_data=data_root)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("cached") == 3 and "measured" not in again.stdout
+    assert store.read_text() == first
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--ppl", "ptb"), "unknown perplexity set 'ptb'"),
+        (("--zeroshot", "mmlu"), "unknown zero-shot task 'mmlu'"),
+        (("--limit", "0"), "--limit must be at least 1"),
+        (("--tasks-dir", "/nonexistent/tasks"), "tasks folder /nonexistent/tasks does not exist"),
+    ],
+)
+def test_bad_eval_input_one_line_error(tiny_model_dirs, data_root, tmp_path, extra, message):
+    done = run_cli("eval", tiny_model_dirs["opt"], *extra, "--run-dir", tmp_path / "run", env_data=data_root)
+    assert done.returncode == 2 and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "garbled config"])
+def test_corrupt_checkpoint_one_line_error(tiny_model_dirs, data_root, tmp_path, damage):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dirs["llama"], broken)
+    if damage == "truncated weights":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    done = run_cli("eval", broken, "--ppl", "wikitext2", "--max-windows", "1", "--run-dir", tmp_path / "run",
+                   env_data=data_root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and str(broken) in done.stderr, done.stderr
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_kill_9_mid_evaluation_then_rerun_reuses_completed_records(tiny_model_dirs, data_root, tmp_path):
+    store = tmp_path / "results.jsonl"
+    args = [sys.executable, "-m", "fasp_bench.cli", "eval", str(tiny_model_dirs["llama-gqa"]), "--ppl",
+            "wikitext2,c4", "--seqlen", "64", "--max-windows", "40", "--zeroshot", "arc_easy,piqa,winogrande",
+            "--limit", "12", "--run-dir", str(tmp_path)]
+    env = {**os.environ, "FASP_BENCH_DATA": str(data_root)}
+    victim = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None and not (store.exists() and store.read_text()):
+        time.sleep(0.05)
+    still_running = victim.poll() is None
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert still_running, "the evaluation finished before it could be killed"
+    survived = store.read_text()
+    assert 1 <= len(survived.splitlines()) < 5 and survived.endswith("\n")
+    with open(store, "a") as out:  # as if a kill had also landed mid-write
+        out.write('{"fingerprint": "x", "metric": "perplexity", "prot')
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "torn last line" in rerun.stderr
+    final = store.read_text()
+    assert final.startswith(survived)  # completed records untouched, torn line cut
+    keys = _keys(store)
+    assert len(keys) == len(set(keys)) == 5  # every measurement once: nothing recomputed, nothing lost
+    assert rerun.stdout.count("cached") == len(survived.splitlines())

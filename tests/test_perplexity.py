@@ -1,0 +1,44 @@
+"""Perplexity agrees with a straightforward independent implementation."""
+
+import math
+
+import pytest
+import torch
+
+from fasp_bench.data import HELDOUT_DOCS, c4_documents, perplexity_dataset, wikitext2_test_text
+from fasp_bench.perplexity import perplexity
+
+
+@torch.no_grad()
+def reference_perplexity(model, ids: torch.Tensor, seqlen: int, windows: int) -> float:
+    """One window at a time, the model's own mean loss per window; equal windows -> mean of means."""
+    losses = [model(input_ids=ids[:, i * seqlen:(i + 1) * seqlen],
+                    labels=ids[:, i * seqlen:(i + 1) * seqlen]).loss.item() for i in range(windows)]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_matches_independent_implementation_on_a_tiny_model(tiny_model):
+    ids = torch.randint(0, 300, (1, 7 * 32 + 5), generator=torch.Generator().manual_seed(0))
+    result = perplexity(tiny_model, ids, seqlen=32, batch_size=3, progress=False)
+    assert result["windows"] == 7 and result["predicted_tokens"] == 7 * 31
+    assert result["ppl"] == pytest.approx(reference_perplexity(tiny_model, ids, 32, 7), rel=1e-4)
+    capped = perplexity(tiny_model, ids, seqlen=32, max_windows=2, progress=False)
+    assert capped["windows"] == 2
+    assert capped["ppl"] == pytest.approx(reference_perplexity(tiny_model, ids, 32, 2), rel=1e-4)
+
+
+def test_c4_heldout_is_documents_500_to_999(data_root):
+    assert perplexity_dataset("c4", data_root) == "c4-heldout"
+    assert perplexity_dataset("c4", None) == "c4-validation"
+    assert len(c4_documents(data_root, HELDOUT_DOCS)) == len(HELDOUT_DOCS) == 500
+
+
+@pytest.mark.real_model
+def test_matches_independent_implementation_on_smollm2(data_root):
+    from fasp_bench.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer(wikitext2_test_text(data_root)[:60_000], return_tensors="pt").input_ids
+    result = perplexity(model, ids, seqlen=512, max_windows=4, batch_size=2, progress=False)
+    assert result["windows"] == 4
+    assert result["ppl"] == pytest.approx(reference_perplexity(model, ids, 512, 4), rel=1e-3)
