@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 import pruning
 from pruning.arch import get_adapter
 from pruning.budget import check_sparsity
-from pruning.checkpoint import check_output_dir, save_pruned
+from pruning.checkpoint import check_output_dir, read_metadata, save_pruned
 from pruning.methods import get_method
 
 from . import __version__
@@ -22,6 +23,7 @@ from .data import C4_SHARD, CALIBRATION_DOCS, DATA_ENV, calibration_ids, data_di
 from .errors import BenchError
 from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
 from .models import DEFAULT_MODEL, load_config, load_model
+from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
 from .store import STORE_FILE, ResultsStore
 from .zeroshot import ALL_TASKS, resolve_tasks
 
@@ -94,6 +96,34 @@ def cmd_eval(args) -> int:
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))
     print(f"results: {store.path}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    require_vllm()
+    protocol = ServeProtocol(prompts=args.prompts, input_len=args.input_len, output_len=args.output_len,
+                             repeats=args.repeats, dtype=args.dtype or default_dtype(),
+                             kv_cache_gib=args.kv_cache_gib, seed=args.seed)
+    protocol.check()
+    dense = args.dense or _source_model(args.checkpoints)
+    specs = ([dense] if dense and dense not in args.checkpoints else []) + list(args.checkpoints)
+    store = ResultsStore(Path(args.run_dir) / STORE_FILE)
+    with tqdm(total=len(specs), desc="serving", unit="model") as bar:
+        rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar)
+    print(serving_table(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
+    print(f"{protocol.prompts} prompts x ({protocol.input_len} in, {protocol.output_len} out), {protocol.dtype}, "
+          f"median of {protocol.repeats}; KV budget {protocol.kv_cache_gib} GiB; results: {store.path}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _source_model(checkpoints: list[str]) -> str | None:
+    """The dense model the checkpoints were pruned from, when they all name the same one."""
+    sources = set()
+    for checkpoint in checkpoints:
+        try:
+            sources.add((read_metadata(checkpoint) or {}).get("source_model"))
+        except (OSError, ValueError):
+            sources.add(None)
+    return sources.pop() if len(sources) == 1 else None
 
 
 def cmd_prune_speed(args) -> int:
@@ -180,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve checkpoints with vLLM (one process each) and compare with the dense model")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders (and/or models)")
+    p.add_argument("--dense", help="the dense baseline (default: source_model in the checkpoints' pruning.json)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per model; the median is reported")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="default: float32 on CPUs without native bf16, bfloat16 otherwise")
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="fixed KV-cache budget (whole GiB, default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=900, help="seconds before a model's process is killed")
+    p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
     _add_model_args(p)

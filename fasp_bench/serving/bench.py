@@ -1,0 +1,165 @@
+"""Serving measurement of several models: one fresh `measure` subprocess each, results into the store.
+
+Every model gets the same prompts, lengths, seed and KV-cache budget. A model that fails to load is
+recorded with its one-line error and the run goes on; a hung engine is killed at the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+from safetensors import SafetensorError, safe_open
+
+from ..errors import BenchError
+from ..models import fingerprint, resolve_model
+from ..store import ResultsStore
+from .measure import RESULT_TAG
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?(\w+(?:Error|Exception)): (.+)$")
+
+
+def default_dtype() -> str:
+    """float32 unless the CPU has native bf16 (AVX512-BF16/AMX) or a GPU serves: emulated bf16 is ~3x slower."""
+    from .install import has_nvidia_gpu
+
+    if has_nvidia_gpu():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
+
+
+@dataclass(frozen=True)
+class ServeProtocol:
+    prompts: int = 16
+    input_len: int = 128
+    output_len: int = 64
+    repeats: int = 3
+    dtype: str = "float32"
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE: the fixed budget the capacity is read at
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("prompts", "input_len", "output_len", "repeats", "kv_cache_gib"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.dtype not in _DTYPE_BYTES:
+            raise BenchError(f"unknown dtype {self.dtype!r}: choose from {', '.join(_DTYPE_BYTES)}")
+
+
+def weight_bytes(path: Path, dtype: str) -> int:
+    """Bytes of the weights when served in `dtype` (from the safetensors headers; no tensor is read)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise BenchError(f"{path} has no *.safetensors weights: give a checkpoint folder written by fasp-bench prune")
+    total = 0
+    for file in files:
+        try:
+            with safe_open(file, "pt") as weights:
+                for name in weights.keys():
+                    total += _numel(weights, name)
+        except (SafetensorError, OSError) as err:
+            raise BenchError(f"cannot read {file}: {err} (is the checkpoint complete? re-create it)") from None
+    return total * _DTYPE_BYTES[dtype]
+
+
+def _numel(weights, name: str) -> int:
+    count = 1
+    for size in weights.get_slice(name).get_shape():
+        count *= size
+    return count
+
+
+def measure_in_subprocess(path: str, protocol: ServeProtocol, timeout_s: float = 900,
+                          return_tokens: bool = False) -> dict:
+    """The measurement of one model in a fresh process: a result dict, or {"error": one line}."""
+    spec = {**asdict(protocol), "model": path, "return_tokens": return_tokens}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(spec, handle)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(protocol.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "fasp_bench.serving.measure", handle.name], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hung engine core ignores SIGTERM
+        proc.communicate()
+        return {"error": f"no result within {timeout_s:.0f} s (engine hung or too slow): killed"}
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    for line in out.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return {"error": _last_error(err) or f"measurement process exited with {proc.returncode} and no result"}
+
+
+def _last_error(stderr: str) -> str | None:
+    found = None
+    for line in stderr.splitlines():
+        match = _ERROR_LINE.match(line.strip())
+        if match:
+            found = f"{match.group(1)}: {match.group(2)}"[:400]
+    return found
+
+
+def require_vllm() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise BenchError("vLLM is not installed: run `python -m fasp_bench.serving.install` (tox does this)")
+
+
+def serving_table(rows: list[dict]) -> pd.DataFrame:
+    """Rows of serve_models -> a table with ratios to the first row (the dense model)."""
+    table = pd.DataFrame(rows)
+    for column in ("output_tok_s", "weight_bytes", "kv_cache_tokens", "peak_rss_bytes", "error"):
+        if column not in table:
+            table[column] = None
+    base = table.iloc[0]
+    out = pd.DataFrame({"model": table["model"], "out tok/s": table["output_tok_s"]})
+    out["speedup"] = table["output_tok_s"] / base["output_tok_s"]
+    out["weight MB"] = table["weight_bytes"] / 1e6
+    out["dense/weights"] = base["weight_bytes"] / table["weight_bytes"]
+    out["KV tokens"] = table["kv_cache_tokens"]
+    out["KV ratio"] = table["kv_cache_tokens"] / base["kv_cache_tokens"]
+    out["peak RSS MB"] = table["peak_rss_bytes"] / 1e6
+    out["status"] = [r.get("error") or r["status"] for r in rows]
+    return out
+
+
+def serve_models(specs: list[str], store: ResultsStore, protocol: ServeProtocol, names: list[str] | None = None,
+                 timeout_s: float = 900, progress=None) -> list[dict]:
+    """Measure every model not already in the store (a stored failure is retried); one row each."""
+    protocol.check()
+    rows = []
+    for i, spec in enumerate(specs):
+        name = names[i] if names else spec
+        path = resolve_model(spec)
+        fp = fingerprint(spec)
+        key = asdict(protocol)
+        found = store.get(fp, "serving", key)
+        if found is not None and "error" not in found["result"]:
+            rows.append({**found["result"], "model": name, "status": "cached"})
+            continue
+        try:
+            result = {"weight_bytes": weight_bytes(Path(path), protocol.dtype)}
+            result.update(measure_in_subprocess(path, protocol, timeout_s))
+        except BenchError as err:
+            result = {"error": str(err)}
+        store.add(fp, "serving", key, result, model=name)
+        rows.append({**result, "model": name, "status": "failed" if "error" in result else "measured"})
+        if progress is not None:
+            progress.update(1)
+    return rows
