@@ -19,26 +19,31 @@ PROTOCOL = ServeProtocol(prompts=3, input_len=16, output_len=8, repeats=1, dtype
 
 @pytest.fixture(scope="module")
 def served_checkpoints(tmp_path_factory, data_root):
-    """A tiny LLaMA whose head size vLLM's CPU kernels support (64), pruned three ways."""
+    """Tiny LLaMA (GQA) and OPT models whose head size vLLM's CPU kernels support (64), pruned several ways."""
     from conftest import _tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     import pruning
     from fasp_bench.data import calibration_ids
 
     root = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=384, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                         tie_word_embeddings=True)
     tokenizer = _tiny_tokenizer()
-    LlamaForCausalLM(config).save_pretrained(root / "dense")
-    tokenizer.save_pretrained(root / "dense")
     calibration = calibration_ids(tokenizer, 4, 32, root=data_root)
-    for method in ("fasp", "flap", "wanda-sp"):
-        model = LlamaForCausalLM.from_pretrained(root / "dense")
-        result = pruning.prune(model, method=method, sparsity=0.3, calibration=calibration)
-        pruning.save_pruned(result.model, root / method, result.metadata, tokenizer=tokenizer)
+    configs = {
+        "llama": LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=384, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                             tie_word_embeddings=True),
+        "opt": OPTConfig(vocab_size=300, hidden_size=256, ffn_dim=384, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0),
+    }
+    for arch, config in configs.items():
+        torch.manual_seed(0)
+        model_cls = LlamaForCausalLM if arch == "llama" else OPTForCausalLM
+        model_cls(config).save_pretrained(root / arch)
+        for method in ("fasp", "flap", "wanda-sp"):
+            result = pruning.prune(model_cls.from_pretrained(root / arch), method=method, sparsity=0.3,
+                                   calibration=calibration)
+            pruning.save_pruned(result.model, root / f"{arch}-{method}", result.metadata, tokenizer=tokenizer)
     return root
 
 
@@ -58,25 +63,28 @@ def transformers_greedy(path: Path, protocol: ServeProtocol) -> list[list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("method, what", [("flap", "per-layer FFN widths + added bias"), ("fasp", "narrow V heads")])
-def test_project_architecture_matches_transformers_greedy(served_checkpoints, method, what):
-    path = served_checkpoints / method
+@pytest.mark.parametrize("checkpoint, what", [("llama-flap", "per-layer FFN widths + added bias"),
+                                              ("llama-fasp", "narrow V heads (GQA)"),
+                                              ("opt-flap", "per-layer FFN widths and head counts")])
+def test_project_architecture_matches_transformers_greedy(served_checkpoints, checkpoint, what):
+    path = served_checkpoints / checkpoint
     config = json.loads((path / "config.json").read_text())
-    assert config["architectures"] == ["PrunedLlamaForCausalLM"]
-    if method == "flap":
+    architecture = "PrunedLlamaForCausalLM" if checkpoint.startswith("llama") else "PrunedOPTForCausalLM"
+    assert config["architectures"] == [architecture]
+    if checkpoint.endswith("flap"):
         assert len(set(config["ffn_widths"])) > 1 and config["ffn_output_bias"]
     else:
         assert config["v_head_dims"][0] < config["head_dim"]
     result = measure_in_subprocess(str(path), PROTOCOL, timeout_s=400, return_tokens=True)
     assert "error" not in result, result["error"]
-    assert result["architecture"] == "PrunedLlamaForCausalLM"
+    assert result["architecture"] == architecture
     assert result["tokens"] == transformers_greedy(path, PROTOCOL), what
     for key in ("output_tok_s", "total_tok_s", "ttft_s", "kv_cache_tokens", "peak_rss_bytes"):
         assert result[key] > 0, key
 
 
 def test_stock_shape_checkpoint_serves_without_the_plugin(served_checkpoints, monkeypatch):
-    path = served_checkpoints / "wanda-sp"
+    path = served_checkpoints / "llama-wanda-sp"
     assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     monkeypatch.setenv("VLLM_PLUGINS", "no-plugin")  # vLLM loads only the plugins named here: none
     result = measure_in_subprocess(str(path), PROTOCOL, timeout_s=400, return_tokens=True)
@@ -88,7 +96,7 @@ def test_stock_shape_checkpoint_serves_without_the_plugin(served_checkpoints, mo
 def test_broken_checkpoints_are_recorded_errors_and_the_run_goes_on(served_checkpoints, tmp_path):
     truncated, mismatched = tmp_path / "truncated", tmp_path / "mismatched"
     for target in (truncated, mismatched):
-        shutil.copytree(served_checkpoints / "wanda-sp", target)
+        shutil.copytree(served_checkpoints / "llama-wanda-sp", target)
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4096])
     config = json.loads((mismatched / "config.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 # Architecture name in config.json -> "module:class" of its vLLM implementation (one file per architecture).
 ARCHITECTURES = {
     "PrunedLlamaForCausalLM": "fasp_bench.serving.vllm_llama:PrunedLlamaForCausalLM",
+    "PrunedOPTForCausalLM": "fasp_bench.serving.vllm_opt:PrunedOPTForCausalLM",
 }
 
 

@@ -1,10 +1,5 @@
-"""`PrunedLlamaForCausalLM` in vLLM: per-layer FFN widths, per-layer KV-head counts, narrower V heads,
-added output biases. Everything else is vLLM's own LLaMA.
-
-V narrower than Q/K uses `Attention(head_size_v=...)`, which sizes the KV cache for the narrow V. vLLM's
-CPU attention backend assumes equal K and V widths (it corrupts memory otherwise), so on CPU V is
-zero-padded to the head size before attention and the output sliced back: the weights stay narrow,
-the KV-cache saving is not realised there.
+"""`PrunedLlamaForCausalLM` in vLLM: per-layer FFN widths, per-layer KV-head counts, narrower V heads
+(see narrow_v.py), added output biases. Everything else is vLLM's own LLaMA.
 """
 
 from __future__ import annotations
@@ -13,18 +8,13 @@ import copy
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
-from vllm.platforms import current_platform
 
-
-def pad_v_on_this_platform() -> bool:
-    return current_platform.is_cpu()
+from .narrow_v import attend, narrow_v_attention, without_empty_qkv
 
 
 class PrunedLlamaAttention(nn.Module):
@@ -44,10 +34,8 @@ class PrunedLlamaAttention(nn.Module):
                                           quant_config=quant_config, v_head_size=self.dv, prefix=f"{prefix}.qkv_proj")
         self.rotary_emb = get_rope(self.head_dim, max_position=max_position_embeddings,
                                    rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
-        self.pad_v = self.dv != self.head_dim and pad_v_on_this_platform()
-        self.attn = Attention(self.n_q, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.n_kv,
-                              cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
-                              head_size_v=self.head_dim if self.pad_v else self.dv)
+        self.attn = narrow_v_attention(self.n_q, self.n_kv, self.head_dim, self.dv, cache_config, quant_config,
+                                       prefix=f"{prefix}.attn")
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.n_kv * self.dv == 0:
@@ -56,13 +44,7 @@ class PrunedLlamaAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.dv], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        if self.pad_v:
-            v = F.pad(v.reshape(-1, self.n_kv, self.dv), (0, self.head_dim - self.dv))
-            v = v.reshape(-1, self.n_kv * self.head_dim)
-        out = self.attn(q, k, v)
-        if self.pad_v:
-            out = out.reshape(-1, self.n_q, self.head_dim)[..., : self.dv].reshape(-1, self.n_q * self.dv)
-        return self.o_proj(out)[0]
+        return self.o_proj(attend(self.attn, q, k, v, self.n_q, self.n_kv, self.head_dim, self.dv))[0]
 
 
 class PrunedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -82,9 +64,4 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=PrunedLlamaDecoderLayer)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # A layer with no heads left has empty q/k/v weights in the checkpoint and no qkv_proj here.
-        return super().load_weights((name, w) for name, w in weights
-                                    if w.numel() or not name.endswith(_QKV_SUFFIXES))
-
-
-_QKV_SUFFIXES = tuple(f"{p}_proj.{kind}" for p in "qkv" for kind in ("weight", "bias"))
+        return super().load_weights(without_empty_qkv(weights))
