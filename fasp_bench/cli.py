@@ -1,4 +1,4 @@
-"""`fasp-bench prune|eval|prune-speed`: one-line errors, non-zero exits, progress bars on long stages."""
+"""`fasp-bench prune|eval|serve|run|report|prune-speed`: one-line errors, non-zero exits, progress bars."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from .data import C4_SHARD, CALIBRATION_DOCS, DATA_ENV, calibration_ids, data_di
 from .errors import BenchError
 from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
 from .models import DEFAULT_MODEL, load_config, load_model
+from .report import write_report
+from .run import PROFILES, RunPlan, run
 from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
 from .store import STORE_FILE, ResultsStore
 from .zeroshot import ALL_TASKS, resolve_tasks
@@ -126,6 +128,23 @@ def _source_model(checkpoints: list[str]) -> str | None:
     return sources.pop() if len(sources) == 1 else None
 
 
+def cmd_run(args) -> int:
+    plan = RunPlan(model=args.model, methods=args.methods, sparsities=args.sparsities, profile=args.profile,
+                   out=Path(args.out), work_dir=Path(args.work_dir), data_root=data_dir(args.data), seed=args.seed,
+                   serve=not args.no_serve, dtype=args.dtype)
+    readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
+                                          *(args.argv or [])]))
+    print(f"report: {readme}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    if not Path(args.results).is_file():
+        raise BenchError(f"results file {args.results} does not exist: give the results.jsonl of a fasp-bench run")
+    print(f"report: {write_report(args.results, args.out)}")
+    return 0
+
+
 def cmd_prune_speed(args) -> int:
     """Prune wall time / one dense forward over the same calibration tokens (target <= 2.5)."""
     sparsity = check_sparsity(args.sparsity)
@@ -226,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
     p.set_defaults(run=cmd_serve)
 
+    p = sub.add_parser("run", help="the whole comparison: prune, evaluate, serve, report (scripts/compare.py)")
+    p.add_argument("--methods", nargs="+", default=["fasp", "flap", "wanda-sp"])
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)} (default quick)")
+    p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    p.add_argument("--work-dir", default="runs", help="checkpoints and the results store (default runs/)")
+    p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="serving dtype (default: by CPU/GPU)")
+    p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
+    p.set_defaults(run=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild the report from a results file")
+    p.add_argument("--results", default="runs/results.jsonl")
+    p.add_argument("--out", default="reports")
+    p.set_defaults(run=cmd_report)
+
     p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
     _add_model_args(p)
     _add_method_args(p, sparsity_required=False)
@@ -233,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, script: bool = False) -> int:
     args = build_parser().parse_args(argv)
+    args.script, args.argv = script, (argv if argv is not None else sys.argv[1:])[1:]
     warnings.formatwarning = lambda message, *_, **__: f"fasp-bench: warning: {message}\n"
     try:
         return args.run(args)

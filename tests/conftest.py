@@ -77,3 +77,27 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         tokenizer.save_pretrained(path)
         dirs[name] = path
     return dirs
+
+
+def servable_configs() -> dict:
+    """Tiny models whose head size (64) vLLM's CPU attention kernels support."""
+    return {
+        "llama": LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                             max_position_embeddings=256, tie_word_embeddings=True),
+        "opt": OPTConfig(vocab_size=VOCAB, hidden_size=256, ffn_dim=384, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0),
+    }
+
+
+@pytest.fixture(scope="session")
+def servable_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    tokenizer = _tiny_tokenizer()
+    dirs = {}
+    for name, config in servable_configs().items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(f"servable-{name}")
+        (LlamaForCausalLM if name == "llama" else OPTForCausalLM)(config).eval().save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[name] = path
+    return dirs

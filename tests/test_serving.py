@@ -18,30 +18,19 @@ PROTOCOL = ServeProtocol(prompts=3, input_len=16, output_len=8, repeats=1, dtype
 
 
 @pytest.fixture(scope="module")
-def served_checkpoints(tmp_path_factory, data_root):
-    """Tiny LLaMA (GQA) and OPT models whose head size vLLM's CPU kernels support (64), pruned several ways."""
-    from conftest import _tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+def served_checkpoints(tmp_path_factory, servable_model_dirs, data_root):
+    """Tiny LLaMA (GQA) and OPT models pruned several ways."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pruning
     from fasp_bench.data import calibration_ids
 
     root = tmp_path_factory.mktemp("served")
-    tokenizer = _tiny_tokenizer()
-    calibration = calibration_ids(tokenizer, 4, 32, root=data_root)
-    configs = {
-        "llama": LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=384, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                             tie_word_embeddings=True),
-        "opt": OPTConfig(vocab_size=300, hidden_size=256, ffn_dim=384, num_hidden_layers=3, num_attention_heads=4,
-                         max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0),
-    }
-    for arch, config in configs.items():
-        torch.manual_seed(0)
-        model_cls = LlamaForCausalLM if arch == "llama" else OPTForCausalLM
-        model_cls(config).save_pretrained(root / arch)
+    for arch, dense in servable_model_dirs.items():
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        calibration = calibration_ids(tokenizer, 4, 32, root=data_root)
         for method in ("fasp", "flap", "wanda-sp"):
-            result = pruning.prune(model_cls.from_pretrained(root / arch), method=method, sparsity=0.3,
+            result = pruning.prune(AutoModelForCausalLM.from_pretrained(dense), method=method, sparsity=0.3,
                                    calibration=calibration)
             pruning.save_pruned(result.model, root / f"{arch}-{method}", result.metadata, tokenizer=tokenizer)
     return root

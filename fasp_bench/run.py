@@ -1,0 +1,198 @@
+"""`fasp-bench run`: prune every (method, sparsity), evaluate and serve each checkpoint and the dense model,
+then write the report. Every stage goes through the results store (and pruning through atomic checkpoint
+folders), so a rerun after a crash redoes only what is missing and a finished run only rewrites the report.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import pruning
+from pruning.budget import check_sparsity
+from pruning.checkpoint import read_metadata, save_pruned
+from pruning.methods import get_method
+
+from .data import C4_SHARD, CALIBRATION_DOCS, calibration_ids, data_file
+from .errors import BenchError
+from .evaluation import DTYPES, EvalProtocol, evaluate
+from .models import fingerprint, load_config, load_model
+from .report import write_report
+from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models
+from .store import STORE_FILE, ResultsStore
+from .zeroshot import ALL_TASKS
+
+
+@dataclass(frozen=True)
+class Profile:
+    nsamples: int
+    calibration_seqlen: int | None  # None: min(2048, model max)
+    ppl_seqlen: int | None
+    max_windows: int | None
+    limit: int | None
+    tasks: tuple[str, ...]
+    serve: ServeProtocol = field(default_factory=ServeProtocol)
+
+
+PROFILES = {
+    # The `tox -e bench` default: under 25 minutes on 2 CPU cores for SmolLM2 and 6 checkpoints.
+    "quick": Profile(nsamples=16, calibration_seqlen=512, ppl_seqlen=512, max_windows=12, limit=16, tasks=ALL_TASKS,
+                     serve=ServeProtocol(prompts=8, input_len=128, output_len=32, repeats=2)),
+    # The literature protocol: 128 calibration windows, full test sets, every task.
+    "paper": Profile(nsamples=128, calibration_seqlen=None, ppl_seqlen=None, max_windows=None, limit=None,
+                     tasks=ALL_TASKS, serve=ServeProtocol(prompts=16, input_len=128, output_len=64, repeats=3)),
+    # For tests on tiny random-init models.
+    "minimal": Profile(nsamples=4, calibration_seqlen=32, ppl_seqlen=32, max_windows=2, limit=2, tasks=("arc_easy",),
+                       serve=ServeProtocol(prompts=2, input_len=8, output_len=4, repeats=1)),
+}
+
+
+@dataclass
+class RunPlan:
+    model: str
+    methods: list[str]
+    sparsities: list[float]
+    profile: str
+    out: Path
+    work_dir: Path
+    data_root: Path | None
+    seed: int = 0
+    serve: bool = True
+    dtype: str | None = None
+
+    def check(self) -> None:
+        """Everything that can be wrong with the input, refused before any work starts."""
+        if self.profile not in PROFILES:
+            raise BenchError(f"unknown profile {self.profile!r}: choose from {', '.join(PROFILES)}")
+        if not self.methods:
+            raise BenchError("no methods given: --methods takes one or more of " + ", ".join(sorted(pruning.METHODS)))
+        for method in self.methods:
+            get_method(method)
+        if not self.sparsities:
+            raise BenchError("no sparsities given: --sparsities takes values in (0, 1), e.g. 0.1 0.2 0.3")
+        for sparsity in self.sparsities:
+            if check_sparsity(sparsity) == 0:
+                raise BenchError("sparsity 0 is the dense model, which every run measures: give values in (0, 1)")
+        for folder, flag in ((self.out, "--out"), (self.work_dir, "--work-dir")):
+            _check_writable(folder, flag)
+        if self.data_root is not None:
+            data_file(self.data_root, C4_SHARD)
+        EvalProtocol(tasks=self.profile_settings.tasks).check(self.data_root)
+        if self.serve:
+            require_vllm()
+        pruning.get_adapter(load_config(self.model))
+
+    @property
+    def profile_settings(self) -> Profile:
+        return PROFILES[self.profile]
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise BenchError(f"{flag} {folder} is not writable ({probe} is not a writable folder): choose another folder")
+
+
+def _label(method: str, sparsity: float) -> str:
+    return f"{method}-{sparsity:g}"
+
+
+def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
+    plan.check()
+    settings = plan.profile_settings
+    store = ResultsStore(plan.work_dir / STORE_FILE)
+    config = load_config(plan.model)
+    calibration_seqlen = settings.calibration_seqlen or min(2048, getattr(config, "max_position_embeddings", 2048))
+    serve_protocol = ServeProtocol(**{**asdict(settings.serve), "dtype": plan.dtype or default_dtype(),
+                                      "seed": plan.seed})
+    eval_protocol = EvalProtocol(tasks=settings.tasks, seqlen=settings.ppl_seqlen, max_windows=settings.max_windows,
+                                 limit=settings.limit, seed=plan.seed)
+    jobs = [(m, s) for s in plan.sparsities for m in plan.methods]
+    stages = len(jobs) + (len(jobs) + 1) * (2 if plan.serve else 1) + 1
+    bar = tqdm(total=stages, desc="fasp-bench run", unit="stage")
+
+    dense_fp = fingerprint(plan.model)
+    models = [{"label": "dense", "fingerprint": dense_fp, "path": plan.model, "sparsity_realised": 0.0,
+               "model_sparsity_realised": 0.0}]
+    for method, sparsity in jobs:
+        bar.set_postfix_str(f"prune {_label(method, sparsity)}")
+        models.append(_prune(plan, store, dense_fp, method, sparsity, calibration_seqlen))
+        bar.update(1)
+    for model in models:
+        bar.set_postfix_str(f"evaluate {model['label']}")
+        evaluate(model["path"], store, eval_protocol, plan.data_root, model_name=model["label"])
+        bar.update(1)
+    if plan.serve:
+        bar.set_postfix_str("serve")
+        serve_models([m["path"] for m in models], store, serve_protocol, names=[m["label"] for m in models],
+                     progress=bar)
+    if models[1:]:
+        models[0]["params"] = models[1]["params_before"]
+    seqlen = settings.ppl_seqlen or min(2048, getattr(config, "max_position_embeddings", 2048))
+    windows = f"first {settings.max_windows} windows" if settings.max_windows else "all windows (C4: 256)"
+    plan_record = {
+        "profile": plan.profile, "model": plan.model, "methods": plan.methods, "sparsities": plan.sparsities,
+        "models": [{k: v for k, v in m.items() if k != "path"} for m in models],
+        "calibration": (f"{settings.nsamples} x {calibration_seqlen} tokens of C4 train docs "
+                        f"{CALIBRATION_DOCS.start}-{CALIBRATION_DOCS.stop - 1}, seed {plan.seed}"),
+        "ppl_note": f"{windows} of {seqlen} tokens, WikiText-2 test and "
+                    + ("c4-heldout (C4 train docs 500-999)" if plan.data_root else "C4 validation"),
+        "zeroshot_note": (f"lm-eval, 0-shot, first {settings.limit} docs per task (acc)" if settings.limit
+                          else "lm-eval, 0-shot, full sets (acc)"),
+        "serve_note": (f"vLLM, {serve_protocol.prompts} prompts x ({serve_protocol.input_len} in, "
+                       f"{serve_protocol.output_len} out), greedy, {serve_protocol.dtype}, median of "
+                       f"{serve_protocol.repeats}, KV budget {serve_protocol.kv_cache_gib} GiB") if plan.serve
+                      else "not run",
+        "ppl_match": {"seqlen": seqlen, "dtype": eval_protocol.dtype},
+        "zeroshot_match": {"limit": settings.limit, "seed": plan.seed},
+        "serve_match": asdict(serve_protocol),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    store.add("-", "run", {"profile": plan.profile, "model": plan.model, "methods": plan.methods,
+                           "sparsities": plan.sparsities, "seed": plan.seed}, plan_record)
+    bar.set_postfix_str("report")
+    header = (f"Generated by `{command}` on {plan_record['finished_at']}, {plan_record['machine']}. "
+              "Every number below comes from the records in results.jsonl.")
+    readme = write_report(store.path, plan.out, header)
+    bar.update(1)
+    bar.close()
+    return readme
+
+
+def _prune(plan: RunPlan, store: ResultsStore, dense_fp: str, method: str, sparsity: float,
+           calibration_seqlen: int) -> dict:
+    """Prune once: a checkpoint folder with a matching pruning.json (written atomically) is reused."""
+    settings = plan.profile_settings
+    label = _label(method, sparsity)
+    out = plan.work_dir / "checkpoints" / f"{Path(plan.model).name}-{label}"
+    key = {"method": method, "sparsity": sparsity, "nsamples": settings.nsamples, "seqlen": calibration_seqlen,
+           "seed": plan.seed}
+    record = store.get(dense_fp, "prune", key)
+    done = (record is not None and read_metadata(out) is not None
+            and fingerprint(str(out)) == record["result"]["checkpoint_fingerprint"])
+    if not done:
+        model, tokenizer = load_model(plan.model, DTYPES["float32"])
+        ids = calibration_ids(tokenizer, settings.nsamples, calibration_seqlen, plan.seed, plan.data_root)
+        result = pruning.prune(model, method=method, sparsity=sparsity, calibration=ids)
+        calibration = {"documents": [CALIBRATION_DOCS.start, CALIBRATION_DOCS.stop], "nsamples": settings.nsamples,
+                       "seqlen": calibration_seqlen, "seed": plan.seed}
+        save_pruned(result.model, out, {**result.metadata, "source_model": plan.model, "calibration": calibration},
+                    tokenizer=tokenizer, overwrite=True)
+        meta = result.metadata
+        record = store.add(dense_fp, "prune", key, {
+            "checkpoint": str(out), "checkpoint_fingerprint": fingerprint(str(out)),
+            "sparsity_realised": meta["sparsity_realised"], "model_sparsity_realised": meta["model_sparsity_realised"],
+            "params_before": meta["total_params"]["before"], "params": meta["total_params"]["after"],
+            "prune_seconds": meta["prune_seconds"]}, model=label)
+    r = record["result"]
+    return {"label": label, "method": method, "sparsity": sparsity, "fingerprint": r["checkpoint_fingerprint"],
+            "path": str(out), **{k: r[k] for k in ("params", "params_before", "sparsity_realised",
+                                                   "model_sparsity_realised", "prune_seconds")}}
