@@ -43,7 +43,8 @@ class PrunedLlamaAttention(nn.Module):
             return self.o_proj(out)[0]
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.dv], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        # vLLM's CPU rotary kernel crashes in bf16 on q/k views whose row stride is not the stock q+2kv width
+        q, k = self.rotary_emb(positions, q.contiguous(), k.contiguous())
         return self.o_proj(attend(self.attn, q, k, v, self.n_q, self.n_kv, self.head_dim, self.dv))[0]
 
 
