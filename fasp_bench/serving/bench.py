@@ -106,15 +106,15 @@ def measure_in_subprocess(path: str, protocol: ServeProtocol, timeout_s: float =
 
 
 def _last_error(stderr: str) -> str | None:
-    """The last Python exception line, else a native crash of vLLM's worker (e.g. a segfault in a kernel)."""
+    """A native crash of vLLM's worker (e.g. a segfault in a kernel), else the last Python exception line."""
+    crash = re.search(r"Fatal Python error: [^\n]+|Worker proc \S+ died unexpectedly[^\n]*", stderr)
+    if crash:
+        return crash.group(0)[:400]
     found = None
     for line in stderr.splitlines():
         match = _ERROR_LINE.match(line.strip())
         if match:
             found = f"{match.group(1)}: {match.group(2)}"[:400]
-    if found is None:
-        crash = re.search(r"Fatal Python error: [^\n]+|Worker proc \S+ died unexpectedly[^\n]*", stderr)
-        found = crash.group(0)[:400] if crash else None
     return found
 
 
