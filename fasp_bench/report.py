@@ -83,7 +83,7 @@ def model_table(records: list[dict], run: dict | None = None) -> pd.DataFrame:
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    return table.to_markdown(index=False, floatfmt=".4g", missingval="n/a")
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="n/a")
 
 
 def _plot(table: pd.DataFrame, out: Path) -> list[str]:
