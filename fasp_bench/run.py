@@ -20,7 +20,7 @@ from pruning.methods import get_method
 
 from .data import C4_SHARD, CALIBRATION_DOCS, calibration_ids, data_file
 from .errors import BenchError
-from .evaluation import DTYPES, EvalProtocol, evaluate
+from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
 from .models import fingerprint, load_config, load_model
 from .report import write_report
 from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models
@@ -110,7 +110,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     settings = plan.profile_settings
     store = ResultsStore(plan.work_dir / STORE_FILE)
     config = load_config(plan.model)
-    calibration_seqlen = settings.calibration_seqlen or min(2048, getattr(config, "max_position_embeddings", 2048))
+    calibration_seqlen = settings.calibration_seqlen or default_seqlen(config)
     serve_protocol = ServeProtocol(**{**asdict(settings.serve), "dtype": plan.dtype or default_dtype(),
                                       "seed": plan.seed})
     eval_protocol = EvalProtocol(tasks=settings.tasks, seqlen=settings.ppl_seqlen, max_windows=settings.max_windows,
@@ -136,7 +136,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                      progress=bar)
     if models[1:]:
         models[0]["params"] = models[1]["params_before"]
-    seqlen = settings.ppl_seqlen or min(2048, getattr(config, "max_position_embeddings", 2048))
+    seqlen = settings.ppl_seqlen or default_seqlen(config)
     windows = f"first {settings.max_windows} windows" if settings.max_windows else "all windows (C4: 256)"
     plan_record = {
         "profile": plan.profile, "model": plan.model, "methods": plan.methods, "sparsities": plan.sparsities,

@@ -60,10 +60,11 @@ class ResultsStore:
                   "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fasp_bench": __version__}
         line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as out:
-            size = out.tell()
-            if size:  # cut a torn tail so the new record starts on its own line
-                out.truncate(self.path.read_bytes().rfind(b"\n") + 1)
+        with open(self.path, "a+b") as out:
+            if out.tell():  # a torn tail (no final newline) is cut so the record starts on its own line
+                out.seek(-1, os.SEEK_END)
+                if out.read(1) != b"\n":
+                    out.truncate(self.path.read_bytes().rfind(b"\n") + 1)
             out.write(line)
             out.flush()
             os.fsync(out.fileno())
