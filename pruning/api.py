@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import __version__
-from .arch import Coupling, get_adapter
+from .arch import ArchAdapter, Coupling, get_adapter
 from .budget import check_sparsity, global_removals, prunable_params, total_params, uniform_removals
 from .calibrate import capture_block_inputs, collect_input_stats, run_block
 from .errors import PruningError
@@ -26,8 +26,8 @@ class PruneResult:
     kept_units: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-def _cut_layer(pruner: PruningMethod, layer: torch.nn.Module, couplings: list[Coupling], scores: dict,
-               removals: dict[str, int], stats: dict) -> dict[str, torch.Tensor]:
+def _cut_layer(pruner: PruningMethod, adapter: ArchAdapter, layer: torch.nn.Module, couplings: list[Coupling],
+               scores: dict, removals: dict[str, int], stats: dict) -> dict[str, torch.Tensor]:
     """Choose, restore and cut every coupling of one layer that loses units; return the kept units."""
     kept = {}
     for c in couplings:
@@ -37,6 +37,7 @@ def _cut_layer(pruner: PruningMethod, layer: torch.nn.Module, couplings: list[Co
         weight, bias = pruner.restore(layer.get_submodule(c.consumer), stats[c.consumer], kept_columns(c, keep))
         cut(layer, c, keep, weight, bias)
         kept[c.name] = keep
+    adapter.conform(layer)
     return kept
 
 
@@ -95,7 +96,7 @@ def prune(
                 if dense:
                     scored.append((couplings, scores, stats))
                 else:
-                    kept_units[i] = _cut_layer(pruner, layer, couplings, scores, plan[i], stats)
+                    kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
                     run_block(layer, inputs)
                 layer.to(home)
             del inputs
@@ -106,9 +107,10 @@ def prune(
                     plan = global_removals([s for _, s, _ in scored], costs, sparsity, prunable_before)
                 for i, (layer, (couplings, scores, stats)) in enumerate(zip(layers, scored)):
                     layer.to(device)
-                    kept_units[i] = _cut_layer(pruner, layer, couplings, scores, plan[i], stats)
+                    kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
                     layer.to(home)
 
+    stock_kv_heads = adapter.stock_shape(model.config).kv_heads
     model = adapter.finalize(model)
     layers = adapter.layers(model)
     prunable_after, total_after = prunable_params(adapter, layers), total_params(model)
@@ -123,6 +125,7 @@ def prune(
         "total_params": {"before": total_before, "after": total_after},
         "calibration": {"nsamples": calibration.shape[0], "seqlen": calibration.shape[1]},
         "prune_seconds": time.perf_counter() - started,
+        "family": adapter.family.name,
         "architecture": type(model).__name__,
         "layers": {
             "ffn_widths": [s.ffn_width for s in shapes],
@@ -130,5 +133,17 @@ def prune(
             "v_head_dims": [s.v_head_dim for s in shapes],
         },
         "fasp_bench_version": __version__,
+        "notes": _notes(pruner, method, stock_kv_heads, shapes),
     }
     return PruneResult(model, metadata, kept_units)
+
+
+def _notes(pruner: PruningMethod, method: str, stock_kv_heads: int, shapes: list) -> list[str]:
+    """What a reader of pruning.json should know about how the size was met."""
+    notes = []
+    if pruner.attention_unit == "head" and stock_kv_heads == 1:
+        emptied = sum(s.kv_heads == 0 for s in shapes)
+        notes.append(f"the model has one KV head per layer, so a head unit is a layer's whole attention: {method} "
+                     f"removed the attention of {emptied} of {len(shapes)} layers and met the requested size "
+                     "through the FFN otherwise")
+    return notes

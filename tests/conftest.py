@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    OPTConfig,
+    OPTForCausalLM,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 VOCAB = 300
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +42,35 @@ def tiny_opt(seed: int = 0) -> OPTForCausalLM:
 TINY_MODELS = {"llama": lambda: tiny_llama(gqa=False), "llama-gqa": tiny_llama, "opt": tiny_opt}
 
 
-@pytest.fixture(params=sorted(TINY_MODELS))
+def family_configs() -> dict[str, PretrainedConfig]:
+    """One tiny config per registered family, with head size 64 (vLLM's CPU attention kernels refuse 16) and
+    each family's own traits: Llama-3 rope scaling, Mistral's sliding window, Qwen2's q/k/v biases, Qwen3's
+    q/k norms, Gemma-3's single KV head with sliding and global layers, OPT's multi-head attention."""
+    common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True)
+    llama3_rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    return {
+        "llama": LlamaConfig(**common, rope_parameters=llama3_rope),
+        "mistral": MistralConfig(**common, sliding_window=16),
+        "qwen2": Qwen2Config(**common),
+        "qwen3": Qwen3Config(**common),
+        "gemma3": Gemma3TextConfig(**{**common, "num_key_value_heads": 1}, sliding_window=8, query_pre_attn_scalar=64,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+        "opt": OPTConfig(vocab_size=VOCAB, hidden_size=256, ffn_dim=384, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0),
+    }
+
+
+def tiny_family(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(family_configs()[name]).eval()
+
+
+@pytest.fixture(params=sorted(family_configs()))
 def tiny_model(request):
-    return TINY_MODELS[request.param]()
+    """A tiny random-init model of every registered family."""
+    return tiny_family(request.param)
 
 
 @pytest.fixture
@@ -79,25 +116,14 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-def servable_configs() -> dict:
-    """Tiny models whose head size (64) vLLM's CPU attention kernels support."""
-    return {
-        "llama": LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=384, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                             max_position_embeddings=256, tie_word_embeddings=True),
-        "opt": OPTConfig(vocab_size=VOCAB, hidden_size=256, ffn_dim=384, num_hidden_layers=3, num_attention_heads=4,
-                         max_position_embeddings=256, word_embed_proj_dim=256, dropout=0.0),
-    }
-
-
 @pytest.fixture(scope="session")
 def servable_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny models of every family (head size 64), with a byte-level tokenizer."""
     tokenizer = _tiny_tokenizer()
     dirs = {}
-    for name, config in servable_configs().items():
-        torch.manual_seed(0)
+    for name in family_configs():
         path = tmp_path_factory.mktemp(f"servable-{name}")
-        (LlamaForCausalLM if name == "llama" else OPTForCausalLM)(config).eval().save_pretrained(path)
+        tiny_family(name).save_pretrained(path)
         tokenizer.save_pretrained(path)
         dirs[name] = path
     return dirs
