@@ -19,7 +19,7 @@ from pruning.checkpoint import check_output_dir, read_metadata, save_pruned
 from pruning.methods import get_method
 
 from . import __version__
-from .data import C4_SHARD, CALIBRATION_DOCS, DATA_ENV, calibration_ids, data_dir, data_file
+from .data import C4_SHARD, DATA_ENV, calibration_ids, calibration_record, data_dir, data_file
 from .errors import BenchError
 from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
 from .models import DEFAULT_MODEL, load_config, load_model
@@ -54,10 +54,9 @@ def _method_options(args) -> dict:
 
 def _calibration(args, tokenizer, config):
     seqlen = _default_seqlen(config, args.seqlen)
-    ids = calibration_ids(tokenizer, args.nsamples, seqlen, args.seed, data_dir(args.data))
-    source = "c4-train docs 0-499 (shipped shard)" if data_dir(args.data) else "c4-train docs 0-499 (hub)"
-    return ids, {"dataset": source, "documents": [CALIBRATION_DOCS.start, CALIBRATION_DOCS.stop],
-                 "nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed}
+    root = data_dir(args.data)
+    ids = calibration_ids(tokenizer, args.nsamples, seqlen, args.seed, root)
+    return ids, calibration_record(tokenizer, args.nsamples, seqlen, args.seed, root)
 
 
 def cmd_prune(args) -> int:

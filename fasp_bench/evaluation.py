@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, data_file, perplexity_dataset, perplexity_text
+from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, bos_id, data_file, perplexity_dataset, perplexity_text
 from .errors import BenchError
 from .models import fingerprint, load_config, load_model
 from .perplexity import perplexity
@@ -76,8 +76,9 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
 
         def run_ppl(name=name, dataset=dataset, windows=windows):
             model, tokenizer = model_and_tokenizer()
-            ids = tokenizer(perplexity_text(name, data_root), return_tensors="pt").input_ids
-            return perplexity(model, ids, seqlen, windows, protocol.batch_size, desc=f"{print_name} {dataset}")
+            ids = tokenizer(perplexity_text(name, data_root), add_special_tokens=False, return_tensors="pt").input_ids
+            return perplexity(model, ids, seqlen, windows, protocol.batch_size, desc=f"{print_name} {dataset}",
+                              bos=bos_id(tokenizer))
 
         record, cached = store.measure(fp, "perplexity", key, run_ppl, model=print_name)
         rows.append(_row(record, cached, f"ppl {dataset}", record["result"]["ppl"],

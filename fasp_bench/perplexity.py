@@ -1,5 +1,6 @@
 """Perplexity, SparseGPT/Wanda protocol: the text tokenised once, non-overlapping windows of `seqlen`
-tokens, token-level NLL averaged over every predicted token, then exp."""
+tokens, token-level NLL averaged over every predicted token, then exp. For a model trained with a BOS, every
+window is <bos> + `seqlen - 1` text tokens, so every window is scored as the model expects to start."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-               batch_size: int = 4, progress: bool = True, desc: str = "ppl") -> dict:
+               batch_size: int = 4, progress: bool = True, desc: str = "ppl", bos: int | None = None) -> dict:
     ids = token_ids.flatten()
-    windows = ids.numel() // seqlen
+    text_len = seqlen - (bos is not None)
+    windows = ids.numel() // text_len
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    chunks = ids[: windows * seqlen].view(windows, seqlen)
+    chunks = ids[: windows * text_len].view(windows, text_len)
+    if bos is not None:
+        chunks = torch.cat([torch.full((windows, 1), bos, dtype=chunks.dtype), chunks], dim=1)
     device = next(model.parameters()).device
     nll, predicted = 0.0, 0
     for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", disable=not progress):
@@ -29,4 +33,4 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | N
                                reduction="sum").item()
         predicted += batch[:, 1:].numel()
     return {"ppl": math.exp(nll / predicted), "nll": nll / predicted, "windows": windows,
-            "predicted_tokens": predicted, "seqlen": seqlen}
+            "predicted_tokens": predicted, "seqlen": seqlen, "bos": bos is not None}

@@ -178,6 +178,7 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
         header.strip(), "",
         f"Profile **{plan['profile']}**, model `{plan['model']}`. Calibration: {plan['calibration']}.",
         f"Perplexity: {plan['ppl_note']}. Zero-shot: {plan['zeroshot_note']}. Serving: {plan['serve_note']}.",
+        f"BOS: {plan['bos_note']}." if plan.get("bos_note") else "",
         "Sparsity is the fraction of prunable (attention + MLP) parameters removed; `model_sparsity_realised` is "
         "the fraction of all parameters.", "",
         "## Quality and size", "", _markdown(table[[c for c in quality if c in table.columns]]), "",

@@ -12,16 +12,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 import pruning
 from pruning.budget import check_sparsity
 from pruning.checkpoint import read_metadata, save_pruned
 from pruning.methods import get_method
 
-from .data import C4_SHARD, CALIBRATION_DOCS, calibration_ids, data_file
+from .data import C4_SHARD, CALIBRATION_DOCS, bos_id, calibration_ids, calibration_record, data_file
 from .errors import BenchError
 from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
-from .models import fingerprint, load_config, load_model
+from .models import fingerprint, load_config, load_model, resolve_model
 from .report import write_report
 from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models
 from .store import STORE_FILE, ResultsStore
@@ -137,6 +138,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     if models[1:]:
         models[0]["params"] = models[1]["params_before"]
     seqlen = settings.ppl_seqlen or default_seqlen(config)
+    bos = bos_id(AutoTokenizer.from_pretrained(resolve_model(plan.model))) is not None
     windows = f"first {settings.max_windows} windows" if settings.max_windows else "all windows (C4: 256)"
     plan_record = {
         "profile": plan.profile, "model": plan.model, "methods": plan.methods, "sparsities": plan.sparsities,
@@ -151,6 +153,8 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                        f"{serve_protocol.output_len} out), greedy, {serve_protocol.dtype}, median of "
                        f"{serve_protocol.repeats}, KV budget {serve_protocol.kv_cache_gib} GiB") if plan.serve
                       else "not run",
+        "bos_note": ("every calibration and perplexity window, lm-eval request and serving prompt starts with <bos> "
+                     "(the tokenizer's convention)" if bos else "no <bos> is added (the tokenizer adds none)"),
         "ppl_match": {"seqlen": seqlen, "dtype": eval_protocol.dtype},
         "zeroshot_match": {"limit": settings.limit, "seed": plan.seed},
         "serve_match": asdict(serve_protocol),
@@ -183,8 +187,7 @@ def _prune(plan: RunPlan, store: ResultsStore, dense_fp: str, method: str, spars
         model, tokenizer = load_model(plan.model, DTYPES["float32"])
         ids = calibration_ids(tokenizer, settings.nsamples, calibration_seqlen, plan.seed, plan.data_root)
         result = pruning.prune(model, method=method, sparsity=sparsity, calibration=ids)
-        calibration = {"documents": [CALIBRATION_DOCS.start, CALIBRATION_DOCS.stop], "nsamples": settings.nsamples,
-                       "seqlen": calibration_seqlen, "seed": plan.seed}
+        calibration = calibration_record(tokenizer, settings.nsamples, calibration_seqlen, plan.seed, plan.data_root)
         save_pruned(result.model, out, {**result.metadata, "source_model": plan.model, "calibration": calibration},
                     tokenizer=tokenizer, overwrite=True)
         meta = result.metadata

@@ -117,7 +117,10 @@ def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: in
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     defaults = task_source(task, data_root, tasks_dirs)[0] == "lm-eval (hub)"
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    from .data import bos_id
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+              add_bos_token=bos_id(tokenizer) is not None)
     with task_manager(data_root, tasks_dirs, defaults) as manager:
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
@@ -129,5 +132,5 @@ def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: in
             raise BenchError(f"zero-shot task {task} could not run: {first}") from None
     scores = out["results"][task]
     samples = out.get("n-samples", {}).get(task, {})
-    return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"),
+    return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"), "bos": lm.add_bos_token,
             "docs": samples.get("effective"), "docs_total": samples.get("original")}

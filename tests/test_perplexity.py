@@ -42,3 +42,12 @@ def test_matches_independent_implementation_on_smollm2(data_root):
     result = perplexity(model, ids, seqlen=512, max_windows=4, batch_size=2, progress=False)
     assert result["windows"] == 4
     assert result["ppl"] == pytest.approx(reference_perplexity(model, ids, 512, 4), rel=1e-3)
+
+
+def test_a_bos_model_gets_bos_first_in_every_window(tiny_model):
+    """Each window is <bos> + seqlen - 1 text tokens; the reference builds those windows by hand."""
+    text = torch.randint(3, 300, (1, 5 * 31 + 4), generator=torch.Generator().manual_seed(0))
+    result = perplexity(tiny_model, text, seqlen=32, batch_size=2, progress=False, bos=2)
+    windows = torch.cat([torch.full((5, 1), 2), text[0, : 5 * 31].view(5, 31)], dim=1).reshape(1, -1)
+    assert result["windows"] == 5 and result["bos"] and result["predicted_tokens"] == 5 * 31
+    assert result["ppl"] == pytest.approx(reference_perplexity(tiny_model, windows, 32, 5), rel=1e-4)

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is installed by tox (python -m fasp_bench.serving.install)")
 
+from conftest import family_configs  # noqa: E402
+
 from fasp_bench.serving.bench import ServeProtocol, measure_in_subprocess, serve_models  # noqa: E402
 from fasp_bench.serving.measure import prompt_token_ids  # noqa: E402
 from fasp_bench.store import ResultsStore  # noqa: E402
@@ -17,34 +19,50 @@ from fasp_bench.store import ResultsStore  # noqa: E402
 PROTOCOL = ServeProtocol(prompts=3, input_len=16, output_len=8, repeats=1, dtype="float32")
 
 
+NON_STOCK = [*(f"{family}-fasp" for family in family_configs()), "llama-flap", "opt-flap", "llama-noheads"]
+
+
 @pytest.fixture(scope="module")
 def served_checkpoints(tmp_path_factory, servable_model_dirs, data_root):
-    """Tiny LLaMA (GQA) and OPT models pruned several ways."""
+    """Every family pruned to non-stock shapes (FASP: narrow V; FLAP: per-layer widths, head counts, added
+    biases; a layer with no heads left) and to stock shapes (Wanda-SP below one head's share)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pruning
     from fasp_bench.data import calibration_ids
+    from pruning.surgery import cut
 
     root = tmp_path_factory.mktemp("served")
-    for arch, dense in servable_model_dirs.items():
+    for family, dense in servable_model_dirs.items():
         tokenizer = AutoTokenizer.from_pretrained(dense)
         calibration = calibration_ids(tokenizer, 4, 32, root=data_root)
-        for method in ("fasp", "flap", "wanda-sp"):
-            result = pruning.prune(AutoModelForCausalLM.from_pretrained(dense), method=method, sparsity=0.3,
-                                   calibration=calibration)
-            pruning.save_pruned(result.model, root / f"{arch}-{method}", result.metadata, tokenizer=tokenizer)
+        for method, sparsity in (("fasp", 0.3), ("flap", 0.3), ("wanda-sp", 0.1)):
+            if method == "flap" and family not in ("llama", "opt"):
+                continue
+            result = pruning.prune(AutoModelForCausalLM.from_pretrained(dense), method=method, sparsity=sparsity,
+                                   calibration=calibration, progress=False)
+            pruning.save_pruned(result.model, root / f"{family}-{method}", result.metadata, tokenizer=tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(servable_model_dirs["llama"])
+    adapter = pruning.get_adapter(model.config)
+    model = adapter.to_project(model)
+    layer = adapter.layers(model)[1]
+    heads = next(c for c in adapter.couplings(layer, "head") if c.name == "attn")
+    cut(layer, heads, torch.zeros(0, dtype=torch.long), consumer_bias=torch.linspace(-0.5, 0.5, 256))
+    pruning.save_pruned(adapter.finalize(model), root / "llama-noheads", {}, tokenizer=tokenizer)
     return root
 
 
 def transformers_greedy(path: Path, protocol: ServeProtocol) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pruning  # noqa: F401
+    from fasp_bench.data import bos_id
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
+    bos = bos_id(AutoTokenizer.from_pretrained(path))
     tokens = []
     with torch.no_grad():
-        for ids in prompt_token_ids(model.config.vocab_size, protocol.prompts, protocol.input_len, protocol.seed):
+        for ids in prompt_token_ids(model.config.vocab_size, protocol.prompts, protocol.input_len, protocol.seed, bos):
             x = torch.tensor([ids])
             for _ in range(protocol.output_len):
                 x = torch.cat([x, model(x).logits[:, -1:].argmax(-1)], dim=1)
@@ -52,33 +70,33 @@ def transformers_greedy(path: Path, protocol: ServeProtocol) -> list[list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("checkpoint, what", [("llama-flap", "per-layer FFN widths + added bias"),
-                                              ("llama-fasp", "narrow V heads (GQA)"),
-                                              ("opt-flap", "per-layer FFN widths and head counts")])
-def test_project_architecture_matches_transformers_greedy(served_checkpoints, checkpoint, what):
+@pytest.mark.parametrize("checkpoint", NON_STOCK)
+def test_project_architecture_matches_transformers_greedy(served_checkpoints, checkpoint):
     path = served_checkpoints / checkpoint
     config = json.loads((path / "config.json").read_text())
-    architecture = "PrunedLlamaForCausalLM" if checkpoint.startswith("llama") else "PrunedOPTForCausalLM"
-    assert config["architectures"] == [architecture]
-    if checkpoint.endswith("flap"):
+    assert config["architectures"][0].startswith("Pruned") and config["model_type"].startswith("pruned_")
+    if checkpoint.endswith("fasp"):
+        assert config["v_head_dims"][0] < config["head_dim" if "head_dim" in config else "hidden_size"]
+    elif checkpoint.endswith("flap"):
         assert len(set(config["ffn_widths"])) > 1 and config["ffn_output_bias"]
     else:
-        assert config["v_head_dims"][0] < config["head_dim"]
+        assert config["kv_heads"][1] == 0 and config["attn_output_bias"]
     result = measure_in_subprocess(str(path), PROTOCOL, timeout_s=400, return_tokens=True)
     assert "error" not in result, result["error"]
-    assert result["architecture"] == architecture
-    assert result["tokens"] == transformers_greedy(path, PROTOCOL), what
+    assert result["architecture"] == config["architectures"][0]
+    assert result["tokens"] == transformers_greedy(path, PROTOCOL)
     for key in ("output_tok_s", "total_tok_s", "ttft_s", "kv_cache_tokens", "peak_rss_bytes"):
         assert result[key] > 0, key
 
 
-def test_stock_shape_checkpoint_serves_without_the_plugin(served_checkpoints, monkeypatch):
-    path = served_checkpoints / "llama-wanda-sp"
-    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+@pytest.mark.parametrize("family", sorted(family_configs()))
+def test_stock_shape_checkpoint_serves_without_the_plugin(served_checkpoints, family, monkeypatch):
+    path = served_checkpoints / f"{family}-wanda-sp"
+    config = json.loads((path / "config.json").read_text())
+    assert not config["architectures"][0].startswith("Pruned")
     monkeypatch.setenv("VLLM_PLUGINS", "no-plugin")  # vLLM loads only the plugins named here: none
     result = measure_in_subprocess(str(path), PROTOCOL, timeout_s=400, return_tokens=True)
     assert "error" not in result, result["error"]
-    assert result["architecture"] == "LlamaForCausalLM"
     assert result["tokens"] == transformers_greedy(path, PROTOCOL)
 
 
@@ -102,16 +120,20 @@ def test_broken_checkpoints_are_recorded_errors_and_the_run_goes_on(served_check
 
 
 @pytest.mark.real_model
-def test_pruned_smollm2_serves_like_transformers(tmp_path, data_root):
+@pytest.mark.parametrize("name, architecture", [("smollm2-135m", "PrunedLlamaForCausalLM"),
+                                                ("gemma3-270m", "PrunedGemma3ForCausalLM")])
+def test_pruned_real_model_serves_like_transformers(tmp_path, data_root, name, architecture):
+    """FASP 20% (narrow V); Gemma-3: one KV head, sliding and global layers, BOS-first prompts."""
     import pruning
-    from fasp_bench.data import calibration_ids
+    from fasp_bench.data import bos_id, calibration_ids
     from fasp_bench.models import load_model
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(name)
     result = pruning.prune(model, method="fasp", sparsity=0.2, calibration=calibration_ids(tokenizer, 4, 128,
                                                                                              root=data_root))
     pruning.save_pruned(result.model, tmp_path / "fasp", result.metadata, tokenizer=tokenizer)
     protocol = ServeProtocol(prompts=4, input_len=32, output_len=16, repeats=1, dtype="float32")
-    served = measure_in_subprocess(str(tmp_path / "fasp"), protocol, timeout_s=500, return_tokens=True)
+    served = measure_in_subprocess(str(tmp_path / "fasp"), protocol, timeout_s=600, return_tokens=True)
     assert "error" not in served, served["error"]
+    assert served["architecture"] == architecture and served["bos"] == (bos_id(tokenizer) is not None)
     assert served["tokens"] == transformers_greedy(tmp_path / "fasp", protocol)

@@ -33,13 +33,18 @@ def _peak_rss_bytes() -> int:
     return peak
 
 
-def prompt_token_ids(vocab_size: int, prompts: int, input_len: int, seed: int) -> list[list[int]]:
-    """Seeded random token prompts, the same for every model that shares the vocabulary."""
+def prompt_token_ids(vocab_size: int, prompts: int, input_len: int, seed: int, bos: int | None = None,
+                     ) -> list[list[int]]:
+    """Seeded random token prompts, the same for every model that shares the vocabulary; a model trained with
+    a BOS gets it as the first of the `input_len` tokens."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     high = min(vocab_size, 32_000)
-    return torch.randint(10, high, (prompts, input_len), generator=generator).tolist()
+    ids = torch.randint(10, high, (prompts, input_len), generator=generator)
+    if bos is not None:
+        ids[:, 0] = bos
+    return ids.tolist()
 
 
 def run(spec: dict) -> dict:
@@ -51,9 +56,12 @@ def run(spec: dict) -> dict:
               max_model_len=spec["input_len"] + spec["output_len"] + 8, max_num_seqs=max(spec["prompts"], 1),
               disable_log_stats=True)
     load_s = time.perf_counter() - started
+    from fasp_bench.data import bos_id
+
     vocab = llm.llm_engine.model_config.get_vocab_size()
+    bos = bos_id(llm.get_tokenizer())
     prompts = [TokensPrompt(prompt_token_ids=ids)
-               for ids in prompt_token_ids(vocab, spec["prompts"], spec["input_len"], spec["seed"])]
+               for ids in prompt_token_ids(vocab, spec["prompts"], spec["input_len"], spec["seed"], bos)]
     params = SamplingParams(temperature=0, max_tokens=spec["output_len"], ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(prompts[:1], first, use_tqdm=False)  # warm-up
@@ -80,6 +88,7 @@ def run(spec: dict) -> dict:
         "load_s": load_s,
         "generated_tokens": generated,
         "architecture": llm.llm_engine.model_config.architectures[0],
+        "bos": bos is not None,
     }
     if spec.get("return_tokens"):
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]

@@ -7,19 +7,26 @@ Stock-shape checkpoints never reach this code: their config names the stock arch
 
 from __future__ import annotations
 
-# Architecture name in config.json -> "module:class" of its vLLM implementation (one file per architecture).
-ARCHITECTURES = {
-    "PrunedLlamaForCausalLM": "fasp_bench.serving.vllm_llama:PrunedLlamaForCausalLM",
-    "PrunedOPTForCausalLM": "fasp_bench.serving.vllm_opt:PrunedOPTForCausalLM",
-}
+# Families whose vLLM attention derives the head size from hidden_size / heads get a model file of their own.
+OWN_FILES = {"opt": "fasp_bench.serving.vllm_opt"}
+
+
+def architectures() -> dict[str, str]:
+    """Project architecture name in config.json -> "module:class" of its vLLM implementation, per family."""
+    from pruning.arch import families
+    from pruning.arch.base import project_classes
+
+    found = {}
+    for family in families():
+        name = project_classes(family)[1].__name__
+        found[name] = f"{OWN_FILES.get(family.name, 'fasp_bench.serving.vllm_pruned')}:{name}"
+    return found
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
-    import pruning  # noqa: F401  (AutoConfig registration of pruned_llama / pruned_opt)
-
     supported = set(ModelRegistry.get_supported_archs())
-    for architecture, target in ARCHITECTURES.items():
+    for architecture, target in architectures().items():
         if architecture not in supported:
             ModelRegistry.register_model(architecture, target)

@@ -1,5 +1,6 @@
-"""`PrunedOPTForCausalLM` in vLLM: per-layer FFN widths and head counts, narrower V heads (see narrow_v.py),
-added output biases. Everything else is vLLM's own OPT.
+"""`PrunedOPTForCausalLM` in vLLM. OPT's own attention derives the head size from hidden_size / heads, which a
+per-layer head count breaks, so the attention is built here; narrow V, added biases and layers with no heads
+use the same pieces as every other family (vllm_pruned.py). Everything else is vLLM's own OPT.
 """
 
 from __future__ import annotations
@@ -10,35 +11,35 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.models import opt as vllm_opt
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .narrow_v import attend, narrow_v_attention, without_empty_qkv
+from .vllm_pruned import NarrowVRowLinear, NoHeadsAttention, PaddedVQKVLinear, without_empty_attention
 
 
 class PrunedOPTAttention(nn.Module):
     def __init__(self, config, layer: int, cache_config=None, quant_config=None, prefix: str = ""):
         super().__init__()
         hidden = config.hidden_size
-        self.head_dim = hidden // config.num_attention_heads
-        self.n, self.dv = config.kv_heads[layer], config.v_head_dims[layer]
-        bias = config.enable_bias
-        self.out_proj = RowParallelLinear(self.n * self.dv, hidden, bias=bias or config.attn_output_bias,
-                                          quant_config=quant_config, prefix=f"{prefix}.out_proj")
-        if self.n * self.dv == 0:  # every head of this layer pruned: the output is out_proj's bias
-            return
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.n, self.n, bias=bias, quant_config=quant_config,
-                                          v_head_size=self.dv, prefix=f"{prefix}.qkv_proj")
-        self.attn = narrow_v_attention(self.n, self.n, self.head_dim, self.dv, cache_config, quant_config,
-                                       prefix=f"{prefix}.attn")
+        head_dim = hidden // config.num_attention_heads
+        n, dv, bias = config.kv_heads[layer], config.v_head_dims[layer], config.enable_bias
+        out_bias = bias or config.attn_output_bias
+        narrow = dv != head_dim
+        qkv_cls, out_cls = (PaddedVQKVLinear, NarrowVRowLinear) if narrow else (QKVParallelLinear, RowParallelLinear)
+        self.qkv_proj = qkv_cls(hidden, head_dim, n, n, bias=bias, quant_config=quant_config, v_head_size=dv,
+                                prefix=f"{prefix}.qkv_proj")
+        self.out_proj = out_cls(n * dv, hidden, bias=out_bias, quant_config=quant_config, prefix=f"{prefix}.out_proj")
+        if narrow:
+            self.out_proj.head_dim, self.out_proj.width = head_dim, dv
+        self.attn = Attention(n, head_dim, head_dim**-0.5, num_kv_heads=n, cache_config=cache_config,
+                              quant_config=quant_config, prefix=f"{prefix}.attn")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.n * self.dv == 0:
-            return self.out_proj(hidden_states.new_zeros(hidden_states.shape[0], 0))[0]
         qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.n * self.head_dim, self.n * self.head_dim, self.n * self.dv], dim=-1)
-        return self.out_proj(attend(self.attn, q, k, v, self.n, self.n, self.head_dim, self.dv))[0]
+        q, k, v = qkv.chunk(3, dim=-1)  # V is padded to the head size: three equal parts
+        return self.out_proj(self.attn(q, k, v))[0]
 
 
 class PrunedOPTDecoderLayer(vllm_opt.OPTDecoderLayer):
@@ -47,7 +48,12 @@ class PrunedOPTDecoderLayer(vllm_opt.OPTDecoderLayer):
         config = copy.copy(config)
         config.ffn_dim = config.ffn_widths[layer]
         super().__init__(config, cache_config, quant_config, prefix=prefix)
-        self.self_attn = PrunedOPTAttention(config, layer, cache_config, quant_config, prefix=f"{prefix}.self_attn")
+        if config.kv_heads[layer] == 0:
+            self.self_attn = NoHeadsAttention(config.hidden_size, config.enable_bias or config.attn_output_bias,
+                                              self.fc1.weight.dtype, output_name="out_proj")
+        else:
+            self.self_attn = PrunedOPTAttention(config, layer, cache_config, quant_config,
+                                                prefix=f"{prefix}.self_attn")
         if config.ffn_output_bias and self.fc2.bias is None:
             self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=True, quant_config=quant_config,
                                          prefix=f"{prefix}.fc2")
@@ -80,4 +86,4 @@ class PrunedOPTForCausalLM(vllm_opt.OPTForCausalLM):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(without_empty_qkv(weights))
+        return super().load_weights(without_empty_attention(weights))

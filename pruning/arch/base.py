@@ -337,6 +337,8 @@ def project_classes(family: Family) -> tuple[type[PretrainedConfig], type[PreTra
         model_cls = type(f"Pruned{stock.__name__}", (stock,),
                          {"config_class": config_cls, "__init__": __init__, "__module__": __name__})
         _PROJECT_CLASSES[family.name] = config_cls, model_cls
+        for cls in (config_cls, model_cls):  # importable by name, so pickling (vLLM's spawned processes) works
+            globals()[cls.__name__] = cls
     return _PROJECT_CLASSES[family.name]
 
 

@@ -1,0 +1,183 @@
+"""The project architectures in vLLM: one mechanism for every LLaMA-like family.
+
+vLLM's own model of the family is built while each decoder layer sees a per-layer view of the config
+(its FFN width, KV-head count and query-head count), so vLLM's code sizes every layer's linears and its
+attention (KV cache included) itself. Each layer is then fitted to what the checkpoint holds:
+
+- V narrower than Q/K: `qkv_proj` loads the narrow V rows and pads each V head back to the head size on
+  its output, and `o_proj` keeps each head's first `dv` inputs, so the family's attention code runs as
+  is (the weights are narrow; the KV cache holds padded V, so FASP's V saving is not realised in it);
+- output biases a method added (FLAP's compensation): o_proj / down_proj get a bias (vLLM would drop a
+  checkpoint bias that has no parameter silently);
+- a layer with no KV head left: its attention is the o_proj bias alone, with no KV cache.
+
+Stock-shape checkpoints never reach this code: their config names the stock architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.models import utils as vllm_utils
+from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
+
+from pruning.arch import FAMILIES, Family
+from pruning.arch.base import project_classes
+
+# family -> (vLLM model module, its causal-LM class, config flags the family needs when served that way)
+SERVED_AS = {
+    "llama": ("llama", "LlamaForCausalLM", {}),
+    "mistral": ("mistral", "MistralForCausalLM", {}),
+    # vLLM's Qwen2 attention derives head_dim from hidden_size / heads, which a per-layer head count breaks;
+    # vLLM's LLaMA with q/k/v biases is Qwen2's layer
+    "qwen2": ("llama", "LlamaForCausalLM", {"qkv_bias": True}),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", {}),
+    "gemma3": ("gemma3", "Gemma3ForCausalLM", {}),
+}
+
+
+class PaddedVQKVLinear(QKVParallelLinear):
+    """q/k/v with V narrower than the head size: V is zero-padded per head on the output."""
+
+    def forward(self, x: torch.Tensor):
+        out, bias = super().forward(x)
+        hd, dv, n_kv = self.head_size, self.v_head_size, self.num_kv_heads
+        q, k, v = out.split([self.num_heads * hd, n_kv * hd, n_kv * dv], dim=-1)
+        v = F.pad(v.unflatten(-1, (n_kv, dv)), (0, hd - dv)).flatten(-2)
+        return torch.cat([q, k, v], dim=-1), bias
+
+
+class NarrowVRowLinear(RowParallelLinear):
+    """o_proj after padded-V attention: keeps each head's first `width` (real V) dimensions."""
+
+    head_dim: int
+    width: int
+
+    def forward(self, x: torch.Tensor):
+        return super().forward(x.unflatten(-1, (-1, self.head_dim))[..., : self.width].flatten(-2))
+
+
+class NoHeadsAttention(nn.Module):
+    """Every head of the layer pruned: the attention output is the output linear's bias (zeros without one)."""
+
+    def __init__(self, hidden_size: int, bias: bool, dtype: torch.dtype, output_name: str = "o_proj"):
+        super().__init__()
+        self.hidden_size, self.output_name = hidden_size, output_name
+        output = nn.Module()  # named as in the checkpoint, so its bias loads
+        output.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False) if bias else None
+        setattr(self, output_name, output)
+
+    def forward(self, hidden_states: torch.Tensor, **_) -> torch.Tensor:
+        out = hidden_states.new_zeros(hidden_states.shape[0], self.hidden_size)
+        bias = getattr(self, self.output_name).bias
+        return out if bias is None else out + bias
+
+
+@contextmanager
+def _layer_view(config, family: Family, layer: int) -> Iterator[None]:
+    """Config fields as layer `layer` of the checkpoint has them, restored afterwards."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    groups = config.num_attention_heads // config.num_key_value_heads
+    n_kv = max(config.kv_heads[layer], 1)  # a layer with no heads is built with one, then emptied
+    view = {family.ffn_width_key: config.ffn_widths[layer], "num_key_value_heads": n_kv,
+            "num_attention_heads": n_kv * groups, "head_dim": head_dim}
+    saved = {key: getattr(config, key, None) for key in view}
+    for key, value in view.items():
+        setattr(config, key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
+
+
+@contextmanager
+def _per_layer_construction(config, family: Family) -> Iterator[None]:
+    """vLLM's model files build their layers with `make_layers(n, layer_fn, prefix)`, looked up in their own
+    module at call time: wrap it so that each layer_fn call sees its layer's view of the config."""
+    original = vllm_utils.make_layers
+
+    def make_layers(num_hidden_layers, layer_fn, prefix):
+        def build(prefix: str):
+            with _layer_view(config, family, extract_layer_index(prefix)):
+                return layer_fn(prefix=prefix)
+
+        return original(num_hidden_layers, build, prefix)
+
+    modules = [m for name, m in list(sys.modules.items())
+               if name.startswith("vllm.model_executor.models.") and getattr(m, "make_layers", None) is original]
+    for module in modules:
+        module.make_layers = make_layers
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.make_layers = original
+
+
+def _row_linear(old: RowParallelLinear, input_size: int, bias: bool, cls=RowParallelLinear) -> RowParallelLinear:
+    return cls(input_size, old.output_size, bias=bias, quant_config=old.quant_config, prefix=old.prefix)
+
+
+def _fit_layer(layer: nn.Module, config, index: int, vllm_config) -> None:
+    """Narrow V, added output biases and empty attention, as layer `index` of the checkpoint has them."""
+    attention, mlp = layer.self_attn, layer.mlp
+    n_kv, dv = config.kv_heads[index], config.v_head_dims[index]
+    if n_kv == 0:
+        vllm_config.compilation_config.static_forward_context.pop(attention.attn.layer_name)
+        layer.self_attn = NoHeadsAttention(config.hidden_size, config.attn_output_bias,
+                                           attention.o_proj.weight.dtype)
+    else:
+        o_bias = attention.o_proj.bias is not None or config.attn_output_bias
+        qkv = attention.qkv_proj
+        if dv != qkv.head_size:
+            attention.qkv_proj = PaddedVQKVLinear(qkv.hidden_size, qkv.head_size, qkv.total_num_heads,
+                                                  qkv.total_num_kv_heads, bias=qkv.bias is not None,
+                                                  quant_config=qkv.quant_config, prefix=qkv.prefix, v_head_size=dv)
+            attention.o_proj = _row_linear(attention.o_proj, qkv.total_num_heads * dv, o_bias, NarrowVRowLinear)
+            attention.o_proj.head_dim, attention.o_proj.width = qkv.head_size, dv
+        elif o_bias and attention.o_proj.bias is None:
+            attention.o_proj = _row_linear(attention.o_proj, attention.o_proj.input_size, True)
+    if config.ffn_output_bias and mlp.down_proj.bias is None:
+        mlp.down_proj = _row_linear(mlp.down_proj, mlp.down_proj.input_size, True)
+
+
+def without_empty_attention(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer with no heads left has empty q/k/v/o weights in the checkpoint and no such modules here."""
+    return ((name, w) for name, w in weights if w.numel() or ".self_attn." not in name)
+
+
+def pruned_model_class(family: Family) -> type[nn.Module]:
+    module, class_name, flags = SERVED_AS[family.name]
+    base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), class_name)
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        config = vllm_config.model_config.hf_config
+        for key, value in flags.items():
+            setattr(config, key, value)
+        with _per_layer_construction(config, family):
+            base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        for index, layer in enumerate(self.model.layers):
+            if not isinstance(layer, PPMissingLayer):
+                _fit_layer(layer, config, index, vllm_config)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return base.load_weights(self, without_empty_attention(weights))
+
+    name = project_classes(family)[1].__name__
+    return type(name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
+                                "__qualname__": name})
+
+
+# One class per family, at module level: vLLM's registry imports "module:Class" in a subprocess.
+for _family in {FAMILIES[t] for t in FAMILIES}:
+    if _family.name in SERVED_AS:
+        _cls = pruned_model_class(_family)
+        globals()[_cls.__name__] = _cls
