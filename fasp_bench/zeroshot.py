@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .data import DATA_ENV, data_file
+from .data import DATA_ENV, bos_id, data_file
 from .errors import BenchError
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -117,8 +117,6 @@ def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: in
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     defaults = task_source(task, data_root, tasks_dirs)[0] == "lm-eval (hub)"
     device = str(next(model.parameters()).device)
-    from .data import bos_id
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               add_bos_token=bos_id(tokenizer) is not None)
     with task_manager(data_root, tasks_dirs, defaults) as manager:

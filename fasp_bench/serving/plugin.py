@@ -7,7 +7,11 @@ Stock-shape checkpoints never reach this code: their config names the stock arch
 
 from __future__ import annotations
 
-# Families whose vLLM attention derives the head size from hidden_size / heads get a model file of their own.
+# A family is served by vLLM's model of its stock architecture (vllm_pruned.py), except:
+# - where vLLM's attention derives the head size from hidden_size / heads, which a per-layer head count
+#   breaks: served as another architecture with the config flags that make it this family's layer,
+SERVED_AS = {"qwen2": ("LlamaForCausalLM", {"qkv_bias": True})}  # vLLM's LLaMA with q/k/v biases is Qwen2's layer
+# - or given a model file of its own.
 OWN_FILES = {"opt": "fasp_bench.serving.vllm_opt"}
 
 

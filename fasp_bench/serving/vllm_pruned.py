@@ -28,19 +28,10 @@ from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLine
 from vllm.model_executor.models import utils as vllm_utils
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
-from pruning.arch import FAMILIES, Family
+from pruning.arch import Family, families
 from pruning.arch.base import project_classes
 
-# family -> (vLLM model module, its causal-LM class, config flags the family needs when served that way)
-SERVED_AS = {
-    "llama": ("llama", "LlamaForCausalLM", {}),
-    "mistral": ("mistral", "MistralForCausalLM", {}),
-    # vLLM's Qwen2 attention derives head_dim from hidden_size / heads, which a per-layer head count breaks;
-    # vLLM's LLaMA with q/k/v biases is Qwen2's layer
-    "qwen2": ("llama", "LlamaForCausalLM", {"qkv_bias": True}),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM", {}),
-    "gemma3": ("gemma3", "Gemma3ForCausalLM", {}),
-}
+from .plugin import OWN_FILES, SERVED_AS
 
 
 class PaddedVQKVLinear(QKVParallelLinear):
@@ -155,8 +146,12 @@ def without_empty_attention(weights: Iterable[tuple[str, torch.Tensor]]) -> Iter
 
 
 def pruned_model_class(family: Family) -> type[nn.Module]:
-    module, class_name, flags = SERVED_AS[family.name]
-    base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), class_name)
+    """vLLM's model of the family's stock architecture (or of the one it is served as), fitted per layer."""
+    from vllm import ModelRegistry
+
+    architecture, flags = SERVED_AS.get(family.name, (family.stock_model.__name__, {}))
+    entry = ModelRegistry.models[architecture]
+    base = getattr(importlib.import_module(entry.module_name), entry.class_name)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         config = vllm_config.model_config.hf_config
@@ -177,7 +172,7 @@ def pruned_model_class(family: Family) -> type[nn.Module]:
 
 
 # One class per family, at module level: vLLM's registry imports "module:Class" in a subprocess.
-for _family in {FAMILIES[t] for t in FAMILIES}:
-    if _family.name in SERVED_AS:
+for _family in families():
+    if _family.name not in OWN_FILES:
         _cls = pruned_model_class(_family)
         globals()[_cls.__name__] = _cls
