@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 import pruning
-from pruning.arch import get_adapter
-from pruning.budget import check_sparsity
-from pruning.checkpoint import check_output_dir, read_metadata, save_pruned
-from pruning.methods import get_method
+from pruning.checkpoint import check_output_dir, read_metadata
 
-from . import __version__
-from .data import C4_SHARD, DATA_ENV, calibration_ids, calibration_record, data_dir, data_file
+from . import __version__, benchmarks
+from .data import DATA_ENV, data_dir
+from .devices import DTYPES
 from .errors import BenchError
-from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
-from .models import DEFAULT_MODEL, load_config, load_model
+from .evaluation import EvalProtocol, evaluate
+from .models import DEFAULT_MODEL
+from .prune_job import PruneJob, prune_summary
 from .report import write_report
 from .run import PROFILES, RunPlan, run
 from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
 from .store import STORE_FILE, ResultsStore
 from .zeroshot import ALL_TASKS, resolve_tasks
-
-
-def _default_seqlen(config, requested: int | None) -> int:
-    return requested or default_seqlen(config)
 
 
 def _method_options(args) -> dict:
@@ -52,35 +45,17 @@ def _method_options(args) -> dict:
     return options
 
 
-def _calibration(args, tokenizer, config):
-    seqlen = _default_seqlen(config, args.seqlen)
-    root = data_dir(args.data)
-    ids = calibration_ids(tokenizer, args.nsamples, seqlen, args.seed, root)
-    return ids, calibration_record(tokenizer, args.nsamples, seqlen, args.seed, root)
+def _prune_job(args) -> PruneJob:
+    return PruneJob(model=args.model, method=args.method, sparsity=args.sparsity, options=_method_options(args),
+                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+                    device=args.device, dtype=args.dtype, offload_activations=args.offload_activations,
+                    data_root=data_dir(args.data))
 
 
 def cmd_prune(args) -> int:
-    # Validate everything cheap before reading any weights.
-    sparsity = check_sparsity(args.sparsity)
-    get_method(args.method, **_method_options(args))
+    job = _prune_job(args).check()  # everything cheap before any weights are read
     check_output_dir(args.out, args.overwrite)
-    root = data_dir(args.data)
-    if root is not None:
-        data_file(root, C4_SHARD)
-    config = load_config(args.model)
-    get_adapter(config)
-
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-    ids, calibration = _calibration(args, tokenizer, config)
-    result = pruning.prune(model, method=args.method, sparsity=sparsity, calibration=ids,
-                           batch_size=args.batch_size, device=args.device, **_method_options(args))
-    metadata = {**result.metadata, "source_model": args.model, "calibration": calibration}
-    save_pruned(result.model, args.out, metadata, tokenizer=tokenizer, overwrite=args.overwrite)
-    m = result.metadata
-    print(f"{args.method} sparsity {m['sparsity_requested']:.3f} -> realised {m['sparsity_realised']:.4f} "
-          f"of prunable, {m['model_sparsity_realised']:.4f} of all parameters "
-          f"({m['total_params']['before']:,} -> {m['total_params']['after']:,}); "
-          f"{m['prune_seconds']:.1f} s; saved {args.out}")
+    print(prune_summary(job.run(args.out, args.overwrite), args.out))
     return 0
 
 
@@ -90,7 +65,7 @@ def cmd_eval(args) -> int:
     protocol = EvalProtocol(ppl=tuple(n for n in args.ppl.split(",") if n and n != "none"),
                             tasks=tuple(resolve_tasks(args.zeroshot, list(tasks_dirs))), seqlen=args.seqlen,
                             max_windows=args.max_windows, limit=args.limit, seed=args.seed, dtype=args.dtype,
-                            batch_size=args.batch_size, tasks_dirs=tasks_dirs)
+                            device=args.device, batch_size=args.batch_size, tasks_dirs=tasks_dirs)
     store = ResultsStore(Path(args.run_dir) / STORE_FILE)
     rows = evaluate(args.checkpoint, store, protocol, root)
     table = pd.DataFrame(rows).drop(columns="model")
@@ -130,7 +105,7 @@ def _source_model(checkpoints: list[str]) -> str | None:
 def cmd_run(args) -> int:
     plan = RunPlan(model=args.model, methods=args.methods, sparsities=args.sparsities, profile=args.profile,
                    out=Path(args.out), work_dir=Path(args.work_dir), data_root=data_dir(args.data), seed=args.seed,
-                   serve=not args.no_serve, dtype=args.dtype)
+                   serve=not args.no_serve, dtype=args.dtype, device=args.device)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -145,47 +120,33 @@ def cmd_report(args) -> int:
 
 
 def cmd_prune_speed(args) -> int:
-    """Prune wall time / one dense forward over the same calibration tokens (target <= 2.5)."""
-    sparsity = check_sparsity(args.sparsity)
-    get_method(args.method, **_method_options(args))
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
-    device = torch.device(args.device or "cpu")
-    model.to(device)
-    ids, _ = _calibration(args, tokenizer, model.config)
-    with torch.no_grad():
-        model(input_ids=ids[: args.batch_size].to(device), use_cache=False)  # warm-up
-        _sync(device)
-        started = time.perf_counter()
-        for batch in ids.split(args.batch_size):
-            model(input_ids=batch.to(device), use_cache=False)
-        _sync(device)
-        forward = time.perf_counter() - started
-    started = time.perf_counter()
-    pruning.prune(model, method=args.method, sparsity=sparsity, calibration=ids, batch_size=args.batch_size,
-                  device=device, **_method_options(args))
-    _sync(device)
-    prune_time = time.perf_counter() - started
-    print(f"device {device}; {ids.shape[0]}x{ids.shape[1]} calibration tokens; dense forward {forward:.2f} s; "
-          f"{args.method} prune {prune_time:.2f} s; ratio {prune_time / forward:.2f} (target <= 2.5)")
+    print(benchmarks.prune_speed(_prune_job(args)))
     return 0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def cmd_prune_memory(args) -> int:
+    print(benchmarks.prune_memory(args.method, work_dir=args.work_dir))
+    return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser, calibration: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"Hugging Face folder, hub id, or embedded name (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_device_args(p)
     p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV}; unset: the hub)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", help="where blocks are processed, e.g. cuda (default: where the model is)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between blocks (when they do not fit on the GPU)")
     if calibration:
         p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
         p.add_argument("--seqlen", type=int, help="calibration window length (default min(2048, model max))")
         p.add_argument("--seed", type=int, default=0)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="default: bfloat16 on a GPU or a CPU with native bf16, else float32")
 
 
 def _add_method_args(p: argparse.ArgumentParser, sparsity_required: bool) -> None:
@@ -223,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, help="score only the first N windows of each set (quick profile)")
     p.add_argument("--limit", type=int, help="score only the first N documents of each task (quick profile)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_device_args(p)
     p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
@@ -253,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs", help="checkpoints and the results store (default runs/)")
     p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="serving dtype (default: by CPU/GPU)")
+    _add_device_args(p)
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
     p.set_defaults(run=cmd_run)
 
@@ -266,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_method_args(p, sparsity_required=False)
     p.set_defaults(run=cmd_prune_speed)
+
+    p = sub.add_parser("prune-memory", help="benchmark: peak host RSS streaming-pruning a 16-layer random-init "
+                                            "Llama / its 8-layer twin (target <= 1.1)")
+    p.add_argument("--method", default="fasp", choices=sorted(pruning.METHODS))
+    p.add_argument("--work-dir", help="where the two random-init checkpoints go (about 12 GB; default: the temp dir)")
+    p.set_defaults(run=cmd_prune_memory)
     return parser
 
 

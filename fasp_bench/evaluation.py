@@ -9,16 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, bos_id, data_file, perplexity_dataset, perplexity_text
+from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import BenchError
 from .models import fingerprint, load_config, load_model
 from .perplexity import perplexity
 from .store import ResultsStore
 from .zeroshot import check_task_data, evaluate_task, task_source, unavailable_reason
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,8 @@ class EvalProtocol:
     max_windows: int | None = None  # quick profile: the first N windows of each set
     limit: int | None = None  # quick profile: the first N documents of each task
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the device's default (bfloat16 on a GPU or a CPU with native bf16)
+    device: str | None = None  # None: cuda when present, else cpu
     batch_size: int = 4
     tasks_dirs: tuple[Path, ...] = field(default_factory=tuple)
 
@@ -39,8 +37,7 @@ class EvalProtocol:
                                    ("--limit", self.limit, 1), ("--batch-size", self.batch_size, 1)):
             if value is not None and value < least:
                 raise BenchError(f"{name} must be at least {least} (got {value})")
-        if self.dtype not in DTYPES:
-            raise BenchError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        resolve_dtype(self.dtype, resolve_device(self.device))
         for name in self.ppl:
             perplexity_dataset(name, data_root)
             if data_root is not None:
@@ -56,6 +53,8 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
              model_name: str | None = None) -> list[dict]:
     """Measure what is missing for `spec`; one row per measurement (status measured/cached/unavailable)."""
     protocol.check(data_root)
+    device = resolve_device(protocol.device)
+    dtype = resolve_dtype(protocol.dtype, device)
     seqlen = protocol.seqlen or default_seqlen(load_config(spec))
     print_name = model_name or spec
     fp = fingerprint(spec)
@@ -63,7 +62,7 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
 
     def model_and_tokenizer():
         if not loaded:
-            loaded.extend(load_model(spec, DTYPES[protocol.dtype], check_supported=False))
+            loaded.extend(load_model(spec, DTYPES[dtype], check_supported=False, device=device))
         return loaded
 
     rows = []
@@ -72,7 +71,8 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
         cap = C4_EVAL_WINDOWS if dataset.startswith("c4") else None
         limits = [w for w in (cap, protocol.max_windows) if w is not None]
         windows = min(limits) if limits else None
-        key = {"dataset": dataset, "seqlen": seqlen, "max_windows": windows, "dtype": protocol.dtype}
+        key = {"dataset": dataset, "seqlen": seqlen, "max_windows": windows, "dtype": dtype,
+               "device": device.type}
 
         def run_ppl(name=name, dataset=dataset, windows=windows):
             model, tokenizer = model_and_tokenizer()
@@ -92,7 +92,7 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
             continue
         source, digest = task_source(task, data_root, list(protocol.tasks_dirs))
         key = {"task": task, "source": source, "yaml_sha256": digest, "limit": protocol.limit, "num_fewshot": 0,
-               "seed": protocol.seed, "dtype": protocol.dtype}
+               "seed": protocol.seed, "dtype": dtype, "device": device.type}
 
         def run_task(task=task):
             model, tokenizer = model_and_tokenizer()

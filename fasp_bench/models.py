@@ -8,7 +8,9 @@ licence file); the cache is written atomically, so a half-written conversion is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -25,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from pruning.arch import get_adapter
 from pruning.arch.base import rebuild
-from pruning.checkpoint import atomic_dir
+from pruning.checkpoint import atomic_dir, content_fingerprint, file_signature, recorded_fingerprint
 
 from .errors import BenchError
 
@@ -161,14 +163,19 @@ def load_config(spec: str):
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, check_supported: bool = True,
-               ) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) for `spec`; the architecture is checked before any weights are read."""
+               device: torch.device | str = "cpu") -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) for `spec`; the architecture is checked before any weights are read.
+
+    On a GPU the model is placed by accelerate (`device_map="auto"`): one GPU when it fits, spread over
+    the GPUs (and the CPU) when it does not.
+    """
     config = load_config(spec)
     if check_supported:
         get_adapter(config)
     path = resolve_model(spec)
+    placement = {"device_map": "auto"} if torch.device(device).type == "cuda" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -180,19 +187,17 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, check_supported: b
 def fingerprint(spec: str) -> str:
     """Content hash of a model folder (config, tokenizer and weight files), the results-store identity of a model.
 
-    A re-pruned checkpoint at the same path gets a new fingerprint, so stale results are never reused; the
-    tokenizer files are in it because they fix how text is cut into tokens and whether windows start with BOS.
-    A hub id that is not local is identified by its name.
+    A re-pruned checkpoint at the same path gets a new fingerprint, so stale results are never reused. A
+    checkpoint records its fingerprint when written (pruning.json), so it is not re-hashed while its files
+    are unchanged; any other folder is hashed once per process per state of its files. A hub id that is not
+    local is identified by its name.
     """
     path = Path(resolve_model(spec))
     if not path.is_dir():
         return f"hub:{spec}"
-    digest = hashlib.sha256()
-    tokenizer = [path / name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()]
-    files = [path / "config.json", *tokenizer, *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.bin"))]
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as weights:
-            while chunk := weights.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()[:20]
+    return recorded_fingerprint(path) or _hashed(path, json.dumps(file_signature(path)))
+
+
+@functools.lru_cache(maxsize=64)
+def _hashed(path: Path, signature: str) -> str:
+    return content_fingerprint(path)

@@ -16,13 +16,15 @@ from transformers import AutoTokenizer
 
 import pruning
 from pruning.budget import check_sparsity
-from pruning.checkpoint import read_metadata, save_pruned
+from pruning.checkpoint import read_metadata
 from pruning.methods import get_method
 
-from .data import C4_SHARD, CALIBRATION_DOCS, bos_id, calibration_ids, calibration_record, data_file
+from .data import C4_SHARD, CALIBRATION_DOCS, bos_id, data_file
+from .devices import resolve_device, resolve_dtype
 from .errors import BenchError
-from .evaluation import DTYPES, EvalProtocol, default_seqlen, evaluate
-from .models import fingerprint, load_config, load_model, resolve_model
+from .evaluation import EvalProtocol, default_seqlen, evaluate
+from .models import fingerprint, load_config, resolve_model
+from .prune_job import PruneJob
 from .report import write_report
 from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models
 from .store import STORE_FILE, ResultsStore
@@ -65,7 +67,8 @@ class RunPlan:
     data_root: Path | None
     seed: int = 0
     serve: bool = True
-    dtype: str | None = None
+    dtype: str | None = None  # every stage; None: bfloat16 on a GPU or a CPU with native bf16, else float32
+    device: str | None = None  # pruning and evaluation; None: cuda when present, else cpu
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -73,6 +76,7 @@ class RunPlan:
             raise BenchError(f"unknown profile {self.profile!r}: choose from {', '.join(PROFILES)}")
         if not self.methods:
             raise BenchError("no methods given: --methods takes one or more of " + ", ".join(sorted(pruning.METHODS)))
+        resolve_dtype(self.dtype, resolve_device(self.device))
         for method in self.methods:
             get_method(method)
         if not self.sparsities:
@@ -114,8 +118,10 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     calibration_seqlen = settings.calibration_seqlen or default_seqlen(config)
     serve_protocol = ServeProtocol(**{**asdict(settings.serve), "dtype": plan.dtype or default_dtype(),
                                       "seed": plan.seed})
+    device = resolve_device(plan.device)
+    dtype = resolve_dtype(plan.dtype, device)
     eval_protocol = EvalProtocol(tasks=settings.tasks, seqlen=settings.ppl_seqlen, max_windows=settings.max_windows,
-                                 limit=settings.limit, seed=plan.seed)
+                                 limit=settings.limit, seed=plan.seed, dtype=dtype, device=str(device))
     jobs = [(m, s) for s in plan.sparsities for m in plan.methods]
     stages = len(jobs) + (len(jobs) + 1) * (2 if plan.serve else 1) + 1
     bar = tqdm(total=stages, desc="fasp-bench run", unit="stage")
@@ -125,7 +131,10 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                "model_sparsity_realised": 0.0}]
     for method, sparsity in jobs:
         bar.set_postfix_str(f"prune {_label(method, sparsity)}")
-        models.append(_prune(plan, store, dense_fp, method, sparsity, calibration_seqlen))
+        job = PruneJob(model=plan.model, method=method, sparsity=sparsity, nsamples=settings.nsamples,
+                       seqlen=calibration_seqlen, seed=plan.seed, device=str(device), dtype=dtype,
+                       data_root=plan.data_root)
+        models.append(_prune(job, plan.work_dir, store, dense_fp))
         bar.update(1)
     for model in models:
         bar.set_postfix_str(f"evaluate {model['label']}")
@@ -155,8 +164,8 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                       else "not run",
         "bos_note": ("every calibration and perplexity window, lm-eval request and serving prompt starts with <bos> "
                      "(the tokenizer's convention)" if bos else "no <bos> is added (the tokenizer adds none)"),
-        "ppl_match": {"seqlen": seqlen, "dtype": eval_protocol.dtype},
-        "zeroshot_match": {"limit": settings.limit, "seed": plan.seed},
+        "ppl_match": {"seqlen": seqlen, "dtype": dtype, "device": device.type},
+        "zeroshot_match": {"limit": settings.limit, "seed": plan.seed, "dtype": dtype, "device": device.type},
         "serve_match": asdict(serve_protocol),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -172,31 +181,22 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     return readme
 
 
-def _prune(plan: RunPlan, store: ResultsStore, dense_fp: str, method: str, sparsity: float,
-           calibration_seqlen: int) -> dict:
-    """Prune once: a checkpoint folder with a matching pruning.json (written atomically) is reused."""
-    settings = plan.profile_settings
-    label = _label(method, sparsity)
-    out = plan.work_dir / "checkpoints" / f"{Path(plan.model).name}-{label}"
-    key = {"method": method, "sparsity": sparsity, "nsamples": settings.nsamples, "seqlen": calibration_seqlen,
-           "seed": plan.seed}
+def _prune(job: PruneJob, work_dir: Path, store: ResultsStore, dense_fp: str) -> dict:
+    """Prune once: a checkpoint folder whose recorded fingerprint matches the store's record is reused."""
+    label = _label(job.method, job.sparsity)
+    out = work_dir / "checkpoints" / f"{Path(job.model).name}-{label}"
+    key = job.key()
     record = store.get(dense_fp, "prune", key)
     done = (record is not None and read_metadata(out) is not None
             and fingerprint(str(out)) == record["result"]["checkpoint_fingerprint"])
     if not done:
-        model, tokenizer = load_model(plan.model, DTYPES["float32"])
-        ids = calibration_ids(tokenizer, settings.nsamples, calibration_seqlen, plan.seed, plan.data_root)
-        result = pruning.prune(model, method=method, sparsity=sparsity, calibration=ids)
-        calibration = calibration_record(tokenizer, settings.nsamples, calibration_seqlen, plan.seed, plan.data_root)
-        save_pruned(result.model, out, {**result.metadata, "source_model": plan.model, "calibration": calibration},
-                    tokenizer=tokenizer, overwrite=True)
-        meta = result.metadata
+        meta = job.run(out, overwrite=True)
         record = store.add(dense_fp, "prune", key, {
-            "checkpoint": str(out), "checkpoint_fingerprint": fingerprint(str(out)),
+            "checkpoint": str(out), "checkpoint_fingerprint": meta["fingerprint"]["sha256_20"],
             "sparsity_realised": meta["sparsity_realised"], "model_sparsity_realised": meta["model_sparsity_realised"],
             "params_before": meta["total_params"]["before"], "params": meta["total_params"]["after"],
-            "prune_seconds": meta["prune_seconds"]}, model=label)
+            "prune_seconds": meta["prune_seconds"], "device": meta["device"], "dtype": meta["dtype"]}, model=label)
     r = record["result"]
-    return {"label": label, "method": method, "sparsity": sparsity, "fingerprint": r["checkpoint_fingerprint"],
+    return {"label": label, "method": job.method, "sparsity": job.sparsity, "fingerprint": r["checkpoint_fingerprint"],
             "path": str(out), **{k: r[k] for k in ("params", "params_before", "sparsity_realised",
                                                    "model_sparsity_realised", "prune_seconds")}}

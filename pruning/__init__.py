@@ -16,3 +16,7 @@ __all__ = ["METHODS", "PruneResult", "PruningError", "get_adapter", "prune", "su
 from .checkpoint import load_pruned, read_metadata, save_pruned  # noqa: E402
 
 __all__ += ["load_pruned", "read_metadata", "save_pruned"]
+
+from .streaming import prune_pretrained  # noqa: E402
+
+__all__ += ["prune_pretrained"]

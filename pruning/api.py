@@ -20,7 +20,7 @@ from .surgery import cut, kept_columns
 
 @dataclass
 class PruneResult:
-    model: PreTrainedModel
+    model: PreTrainedModel  # streamed pruning: the skeleton (blocks on the meta device; the weights are on disk)
     metadata: dict = field(default_factory=dict)  # what pruning.json records
     # per layer: coupling name -> indices of the kept units (the layer's original numbering)
     kept_units: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -47,6 +47,20 @@ def _check_calibration(calibration: torch.Tensor | None) -> torch.Tensor:
     return calibration.long()
 
 
+class ResidentBlocks:
+    """Blocks that stay in memory: each visits the compute device for its turn, then goes home."""
+
+    def __init__(self, device: torch.device, home: torch.device):
+        self.device, self.home = device, home
+
+    def load(self, index: int, layer: torch.nn.Module) -> None:
+        layer.to(self.device)
+
+    def release(self, index: int, layer: torch.nn.Module, final: bool) -> None:
+        """`final`: the block is cut and will not be loaded again."""
+        layer.to(self.home)
+
+
 def prune(
     model: PreTrainedModel,
     method: str = "fasp",
@@ -55,38 +69,56 @@ def prune(
     *,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    offload_activations: bool = False,
     progress: bool = True,
     **method_options,
 ) -> PruneResult:
     """Prune `model` so that `sparsity` of its prunable parameters are removed, physically.
 
     calibration: LongTensor [nsamples, seqlen] of token ids. device: where each block is processed
-    (default: where the model is); only one block is moved there at a time.
-    method_options: passed to the method, e.g. `restore=False` for FASP.
+    (default: where the model is); only one block is moved there at a time. offload_activations: keep the
+    calibration hidden states on the CPU between blocks. method_options: passed to the method, e.g.
+    `restore=False` for FASP. For a checkpoint larger than memory, see `prune_pretrained`.
     """
     sparsity = check_sparsity(sparsity)
     pruner = get_method(method, **method_options)
     adapter = get_adapter(model.config)
     calibration = _check_calibration(calibration)
+    started = time.perf_counter()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    started = time.perf_counter()
-
     model = adapter.to_project(model.eval())
+    return prune_blocks(model, adapter, pruner, sparsity, calibration, ResidentBlocks(device, home),
+                        batch_size=batch_size, offload_activations=offload_activations, progress=progress,
+                        started=started)
+
+
+def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMethod, sparsity: float,
+                 calibration: torch.Tensor, blocks, *, batch_size: int, offload_activations: bool, progress: bool,
+                 started: float) -> PruneResult:
+    """The pruning loop over a model in its project architecture whose blocks `blocks` loads and releases
+    one at a time (`ResidentBlocks` in memory, `streaming.ShardedBlocks` from and to safetensors shards)."""
+    method = pruner.name
+    device = blocks.device
     layers = adapter.layers(model)
     prunable_before, total_before = prunable_params(adapter, layers), total_params(model)
     kept_units: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     plan = None if pruner.allocation == "global" else uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
-    if plan is None or any(n for layer_plan in plan for n in layer_plan.values()):
-        with torch.no_grad():
-            inputs = capture_block_inputs(model, layers[0], calibration.split(batch_size), device)
+    with torch.no_grad():
+        if plan is not None and not any(n for layer_plan in plan for n in layer_plan.values()):
+            for i, layer in enumerate(layers):  # nothing to remove: blocks pass through unchanged
+                blocks.load(i, layer)
+                blocks.release(i, layer, final=True)
+        else:
+            storage = torch.device("cpu") if offload_activations else device
+            inputs = capture_block_inputs(model, layers[0], calibration.split(batch_size), device, storage)
             # "dense" propagation: the next block sees this block's dense output, and every block is
             # scored before any is cut (a global plan needs all scores)
             dense = pruner.propagation == "dense"
             scored: list[tuple[list[Coupling], dict, dict]] = []
             for i, layer in enumerate(tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="block",
                                            disable=not progress)):
-                layer.to(device)
+                blocks.load(i, layer)
                 couplings = [c for c in adapter.couplings(layer, pruner.attention_unit)
                              if plan is None or plan[i].get(c.name)]
                 stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram,
@@ -98,7 +130,7 @@ def prune(
                 else:
                     kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
                     run_block(layer, inputs)
-                layer.to(home)
+                blocks.release(i, layer, final=not dense)
             del inputs
             if scored:
                 if plan is None:
@@ -106,9 +138,9 @@ def prune(
                              for layer, (couplings, _, _) in zip(layers, scored)]
                     plan = global_removals([s for _, s, _ in scored], costs, sparsity, prunable_before)
                 for i, (layer, (couplings, scores, stats)) in enumerate(zip(layers, scored)):
-                    layer.to(device)
+                    blocks.load(i, layer)
                     kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
-                    layer.to(home)
+                    blocks.release(i, layer, final=True)
 
     stock_kv_heads = adapter.stock_shape(model.config).kv_heads
     model = adapter.finalize(model)
@@ -125,6 +157,9 @@ def prune(
         "total_params": {"before": total_before, "after": total_after},
         "calibration": {"nsamples": calibration.shape[0], "seqlen": calibration.shape[1]},
         "prune_seconds": time.perf_counter() - started,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "offload_activations": offload_activations,
         "family": adapter.family.name,
         "architecture": type(model).__name__,
         "layers": {

@@ -19,27 +19,37 @@ class _Captured(Exception):
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering the current block (one tensor per batch) and the block's keyword arguments."""
+    """Hidden states entering the current block (one tensor per batch) and the block's keyword arguments.
+
+    The hidden states live on `storage` (the compute device, or the CPU when they do not fit there); each
+    batch visits the compute device only while a block runs on it.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    device: torch.device = torch.device("cpu")  # where blocks run
+    storage: torch.device = torch.device("cpu")  # where hidden states wait between blocks
+
+    def batches(self) -> Iterable[tuple[torch.Tensor, dict]]:
+        for hidden, kwargs in zip(self.hidden, self.kwargs):
+            yield hidden.to(self.device), kwargs
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor],
-                         device: torch.device) -> BlockInputs:
+                         device: torch.device, storage: torch.device | None = None) -> BlockInputs:
     """Run the model only up to its first block; keep what that block receives."""
-    inputs = BlockInputs([], [])
+    inputs = BlockInputs([], [], device, storage or device)
 
     def grab(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: _to(v, device) for k, v in kwargs.items() if k != "hidden_states"}
-        inputs.hidden.append(hidden.to(device))
+        inputs.hidden.append(hidden.to(inputs.storage))
         inputs.kwargs.append(kwargs)
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    model_device = next(model.parameters()).device
+    model_device = model.get_input_embeddings().weight.device  # in streaming, the blocks are not loaded yet
     try:
         for batch in batches:
             try:
@@ -62,9 +72,9 @@ def _to(value, device):
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> None:
     """Replace the inputs by the block's outputs, batch by batch."""
-    for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+    for i, (hidden, kwargs) in enumerate(inputs.batches()):
         out = block(hidden, **kwargs)
-        inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
+        inputs.hidden[i] = (out[0] if isinstance(out, tuple) else out).to(inputs.storage)
 
 
 @dataclass
@@ -120,7 +130,7 @@ def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str
         if advance:
             run_block(block, inputs)
         else:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            for hidden, kwargs in inputs.batches():
                 block(hidden, **kwargs)
     finally:
         for handle in handles:

@@ -6,6 +6,7 @@ into place only when complete, so a crash never leaves a half-written checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,15 +57,54 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise
 
 
+def fingerprinted_files(folder: Path) -> list[Path]:
+    """What fixes a model's outputs: config, tokenizer (how text is cut, whether windows start with BOS), weights."""
+    tokenizer = [folder / name for name in ("tokenizer.json", "tokenizer_config.json") if (folder / name).is_file()]
+    return [folder / "config.json", *tokenizer, *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
+
+
+def content_fingerprint(folder: str | os.PathLike) -> str:
+    """Content hash of a model folder's fingerprinted files: the results-store identity of a model."""
+    digest = hashlib.sha256()
+    for file in fingerprinted_files(Path(folder)):
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def file_signature(folder: str | os.PathLike) -> dict[str, list[int]]:
+    """Name -> [size, mtime_ns] of the fingerprinted files: cheap to compare, changes when a file is rewritten."""
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in fingerprinted_files(Path(folder))}
+
+
+def record_fingerprint(folder: str | os.PathLike) -> dict:
+    """The fingerprint of a checkpoint being written, recorded in its pruning.json so no stage re-hashes it."""
+    return {"sha256_20": content_fingerprint(folder), "files": file_signature(folder)}
+
+
+def recorded_fingerprint(folder: str | os.PathLike) -> str | None:
+    """The fingerprint pruning.json recorded, if the files are still the ones it was computed on."""
+    try:
+        recorded = (read_metadata(folder) or {}).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("files") != file_signature(folder):
+        return None
+    return recorded.get("sha256_20")
+
+
 def save_pruned(model: PreTrainedModel, out_dir: str | os.PathLike, metadata: dict, *, tokenizer=None,
                 overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
     with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         if extra is not None:
             extra(tmp)
+        metadata = {**metadata, "fingerprint": record_fingerprint(tmp)}
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return Path(out_dir)
 
 

@@ -27,11 +27,14 @@ def _prune_args(model_dir, out, *extra):
 
 def test_prune_tiny_model_end_to_end(tiny_model_dirs, data_root, tmp_path):
     out = tmp_path / "ck"
-    done = run_cli(*_prune_args(tiny_model_dirs["llama-gqa"], out), env_data=data_root)
+    done = run_cli(*_prune_args(tiny_model_dirs["llama-gqa"], out, "--device", "cpu", "--dtype", "bfloat16"),
+                   env_data=data_root)
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / "pruning.json").read_text())
     assert meta["method"] == "fasp" and meta["calibration"]["nsamples"] == 4
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (meta["device"], meta["dtype"]) == ("cpu", "bfloat16")
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    assert meta["fingerprint"]["sha256_20"] == pruning.checkpoint.content_fingerprint(out)
 
 
 @pytest.mark.parametrize(
@@ -41,6 +44,8 @@ def test_prune_tiny_model_end_to_end(tiny_model_dirs, data_root, tmp_path):
         (("--sparsity", "-0.1"), "out of range"),
         (("--method", "magic"), "unknown method 'magic'"),
         (("--data", "/nonexistent/data"), "data directory /nonexistent/data"),
+        (("--device", "cuda:7"), "device cuda:7 requested but torch sees"),
+        (("--nsamples", "0"), "--nsamples must be at least 1"),
     ],
 )
 def test_bad_input_one_line_error(tiny_model_dirs, data_root, tmp_path, extra, message):

@@ -69,7 +69,7 @@ def test_compare_end_to_end_then_a_rerun_recomputes_nothing(servable_model_dirs,
     pytest.importorskip("vllm", reason="vLLM is installed by tox (python -m fasp_bench.serving.install)")
     args = ["--model", servable_model_dirs["llama"], "--methods", "fasp", "flap", "--sparsities", "0.3",
             "--profile", "minimal", "--out", tmp_path / "reports", "--work-dir", tmp_path / "runs",
-            "--dtype", "float32"]
+            "--dtype", "float32", "--device", "cpu"]
     first = compare(*args, data_root=data_root)
     assert first.returncode == 0, first.stderr[-3000:]
     reports, store = tmp_path / "reports", tmp_path / "runs" / "results.jsonl"
@@ -83,13 +83,19 @@ def test_compare_end_to_end_then_a_rerun_recomputes_nothing(servable_model_dirs,
     metrics = sorted(r["metric"] for r in records)
     assert metrics.count("prune") == 2 and metrics.count("serving") == 3 and metrics.count("run") == 1
     assert metrics.count("perplexity") == 6 and metrics.count("zeroshot") == 3
+    for r in records:  # --device and --dtype reached every stage
+        recorded = r["result"] if r["metric"] == "prune" else r["protocol"]
+        if r["metric"] != "run":
+            assert recorded["dtype"] == "float32", r
+        if r["metric"] in ("prune", "perplexity", "zeroshot"):
+            assert recorded["device"] == "cpu", r
     checkpoint = tmp_path / "runs" / "checkpoints" / f"{servable_model_dirs['llama'].name}-fasp-0.3"
-    stamp = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    stamp = (checkpoint / "model.safetensors.index.json").stat().st_mtime_ns
     shutil.rmtree(reports)
 
     second = compare(*args, data_root=data_root)
     assert second.returncode == 0, second.stderr[-3000:]
     again = [json.loads(line) for line in store.read_text().splitlines()]
     assert again[: len(records)] == records and [r["metric"] for r in again[len(records):]] == ["run"]
-    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (checkpoint / "model.safetensors.index.json").stat().st_mtime_ns == stamp
     assert (reports / "README.md").is_file() and all((reports / plot).is_file() for plot in PLOTS)

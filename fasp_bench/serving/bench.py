@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 from safetensors import SafetensorError, safe_open
 
+from .. import devices
 from ..errors import BenchError
 from ..models import fingerprint, resolve_model
 from ..store import ResultsStore
@@ -29,16 +30,10 @@ _ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?(\w+(?:Erro
 
 
 def default_dtype() -> str:
-    """float32 unless the CPU has native bf16 (AVX512-BF16/AMX) or a GPU serves: emulated bf16 is ~3x slower."""
+    """The serving dtype: vLLM sees the GPU through nvidia-smi even where torch is a CPU build."""
     from .install import has_nvidia_gpu
 
-    if has_nvidia_gpu():
-        return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "float32"
+    return devices.default_dtype(gpu=has_nvidia_gpu())
 
 
 @dataclass(frozen=True)
