@@ -49,7 +49,7 @@ def _prune_job(args) -> PruneJob:
     return PruneJob(model=args.model, method=args.method, sparsity=args.sparsity, options=_method_options(args),
                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                     device=args.device, dtype=args.dtype, offload_activations=args.offload_activations,
-                    data_root=data_dir(args.data))
+                    round_to=args.round_to, tp_multiple=args.tp_multiple, data_root=data_dir(args.data))
 
 
 def cmd_prune(args) -> int:
@@ -105,7 +105,8 @@ def _source_model(checkpoints: list[str]) -> str | None:
 def cmd_run(args) -> int:
     plan = RunPlan(model=args.model, methods=args.methods, sparsities=args.sparsities, profile=args.profile,
                    out=Path(args.out), work_dir=Path(args.work_dir), data_root=data_dir(args.data), seed=args.seed,
-                   serve=not args.no_serve, dtype=args.dtype, device=args.device)
+                   serve=not args.no_serve, dtype=args.dtype, device=args.device, round_to=args.round_to,
+                   tp_multiple=args.tp_multiple)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -143,6 +144,13 @@ def _add_model_args(p: argparse.ArgumentParser, calibration: bool = True) -> Non
         p.add_argument("--seed", type=int, default=0)
 
 
+def _add_alignment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep every FFN width and V head width a multiple of N (GEMM tiles; see README)")
+    p.add_argument("--tp-multiple", type=int, default=1,
+                   help="keep KV-head counts and FFN widths splittable by tensor parallelism of size K")
+
+
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
@@ -158,6 +166,7 @@ def _add_method_args(p: argparse.ArgumentParser, sparsity_required: bool) -> Non
     p.add_argument("--damping-toward", help="FASP restoration damps toward the 'original' weights (default) or 'zero'")
     p.add_argument("--structure", help="FLAP structure: AL-AM (adaptive, default) or UL-UM (uniform)")
     p.add_argument("--no-compensate", action="store_true", help="FLAP without bias compensation (ablation)")
+    _add_alignment_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
     p.add_argument("--seed", type=int, default=0)
     _add_device_args(p)
+    _add_alignment_args(p)
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
     p.set_defaults(run=cmd_run)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 import pruning
-from pruning.budget import check_sparsity
+from pruning.budget import Alignment, check_sparsity
 from pruning.checkpoint import check_output_dir, save_pruned
 from pruning.methods import get_method
 from pruning.streaming import SafetensorsSource, prune_pretrained
@@ -36,6 +36,8 @@ class PruneJob:
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str | None = None  # None: bfloat16 on a GPU or a CPU with native bf16, else float32
     offload_activations: bool = False
+    round_to: int = 1  # every FFN width and V head width a multiple of this
+    tp_multiple: int = 1  # KV-head counts and FFN widths a tensor-parallel size of this can split
     data_root: Path | None = None
 
     def check(self) -> PruneJob:
@@ -43,6 +45,7 @@ class PruneJob:
         defaults (device, dtype, seqlen) filled in."""
         check_sparsity(self.sparsity)
         get_method(self.method, **self.options)
+        Alignment(self.round_to, self.tp_multiple)
         for name, value in (("--nsamples", self.nsamples), ("--batch-size", self.batch_size)):
             if value < 1:
                 raise BenchError(f"{name} must be at least 1 (got {value})")
@@ -60,7 +63,7 @@ class PruneJob:
         """The results-store identity of the checkpoint this job writes (a checked job: defaults filled in)."""
         return {"method": self.method, "options": get_method(self.method, **self.options).describe(),
                 "sparsity": self.sparsity, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
-                "dtype": self.dtype}
+                "dtype": self.dtype, **Alignment(self.round_to, self.tp_multiple).describe()}
 
     def run(self, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
         """Prune into the checkpoint folder `out`; returns its pruning.json."""
@@ -73,8 +76,8 @@ class PruneJob:
                  "calibration": calibration_record(tokenizer, job.nsamples, job.seqlen, job.seed, job.data_root)}
         dtype = DTYPES[job.dtype]
         common = dict(method=job.method, sparsity=job.sparsity, calibration=ids, batch_size=job.batch_size,
-                      device=job.device, offload_activations=job.offload_activations, progress=progress,
-                      **job.options)
+                      device=job.device, offload_activations=job.offload_activations, round_to=job.round_to,
+                      tp_multiple=job.tp_multiple, progress=progress, **job.options)
         try:
             SafetensorsSource(source)
         except pruning.PruningError as err:

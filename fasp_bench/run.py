@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 import pruning
-from pruning.budget import check_sparsity
+from pruning.budget import Alignment, check_sparsity
 from pruning.checkpoint import read_metadata
 from pruning.methods import get_method
 
@@ -69,6 +69,8 @@ class RunPlan:
     serve: bool = True
     dtype: str | None = None  # every stage; None: bfloat16 on a GPU or a CPU with native bf16, else float32
     device: str | None = None  # pruning and evaluation; None: cuda when present, else cpu
+    round_to: int = 1  # widths that deploy (pruning.budget.Alignment)
+    tp_multiple: int = 1
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -77,6 +79,7 @@ class RunPlan:
         if not self.methods:
             raise BenchError("no methods given: --methods takes one or more of " + ", ".join(sorted(pruning.METHODS)))
         resolve_dtype(self.dtype, resolve_device(self.device))
+        Alignment(self.round_to, self.tp_multiple)
         for method in self.methods:
             get_method(method)
         if not self.sparsities:
@@ -133,7 +136,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         bar.set_postfix_str(f"prune {_label(method, sparsity)}")
         job = PruneJob(model=plan.model, method=method, sparsity=sparsity, nsamples=settings.nsamples,
                        seqlen=calibration_seqlen, seed=plan.seed, device=str(device), dtype=dtype,
-                       data_root=plan.data_root)
+                       round_to=plan.round_to, tp_multiple=plan.tp_multiple, data_root=plan.data_root)
         models.append(_prune(job, plan.work_dir, store, dense_fp))
         bar.update(1)
     for model in models:

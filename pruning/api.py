@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .arch import ArchAdapter, Coupling, get_adapter
-from .budget import check_sparsity, global_removals, prunable_params, total_params, uniform_removals
+from .budget import Alignment, check_sparsity, global_removals, nearest, prunable_params, total_params, uniform_removals
 from .calibrate import capture_block_inputs, collect_input_stats, run_block
 from .errors import PruningError
 from .methods import PruningMethod, get_method, keep_top_units
@@ -70,6 +70,8 @@ def prune(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     offload_activations: bool = False,
+    round_to: int = 1,
+    tp_multiple: int = 1,
     progress: bool = True,
     **method_options,
 ) -> PruneResult:
@@ -77,25 +79,27 @@ def prune(
 
     calibration: LongTensor [nsamples, seqlen] of token ids. device: where each block is processed
     (default: where the model is); only one block is moved there at a time. offload_activations: keep the
-    calibration hidden states on the CPU between blocks. method_options: passed to the method, e.g.
-    `restore=False` for FASP. For a checkpoint larger than memory, see `prune_pretrained`.
+    calibration hidden states on the CPU between blocks. round_to, tp_multiple: widths that deploy (see
+    `budget.Alignment`); the sparsity is still met within one aligned unit per layer. method_options: passed
+    to the method, e.g. `restore=False` for FASP. For a checkpoint larger than memory, see `prune_pretrained`.
     """
     sparsity = check_sparsity(sparsity)
     pruner = get_method(method, **method_options)
     adapter = get_adapter(model.config)
     calibration = _check_calibration(calibration)
+    alignment = Alignment(round_to, tp_multiple)
     started = time.perf_counter()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     model = adapter.to_project(model.eval())
     return prune_blocks(model, adapter, pruner, sparsity, calibration, ResidentBlocks(device, home),
-                        batch_size=batch_size, offload_activations=offload_activations, progress=progress,
-                        started=started)
+                        batch_size=batch_size, offload_activations=offload_activations, alignment=alignment,
+                        progress=progress, started=started)
 
 
 def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMethod, sparsity: float,
-                 calibration: torch.Tensor, blocks, *, batch_size: int, offload_activations: bool, progress: bool,
-                 started: float) -> PruneResult:
+                 calibration: torch.Tensor, blocks, *, batch_size: int, offload_activations: bool,
+                 alignment: Alignment, progress: bool, started: float) -> PruneResult:
     """The pruning loop over a model in its project architecture whose blocks `blocks` loads and releases
     one at a time (`ResidentBlocks` in memory, `streaming.ShardedBlocks` from and to safetensors shards)."""
     method = pruner.name
@@ -103,7 +107,8 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
     layers = adapter.layers(model)
     prunable_before, total_before = prunable_params(adapter, layers), total_params(model)
     kept_units: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    plan = None if pruner.allocation == "global" else uniform_removals(adapter, layers, sparsity, pruner.attention_unit)
+    plan = (None if pruner.allocation == "global"
+            else uniform_removals(adapter, layers, sparsity, pruner.attention_unit, alignment))
     with torch.no_grad():
         if plan is not None and not any(n for layer_plan in plan for n in layer_plan.values()):
             for i, layer in enumerate(layers):  # nothing to remove: blocks pass through unchanged
@@ -137,6 +142,9 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
                     costs = [{c.name: c.unit_cost(layer) for c in couplings}
                              for layer, (couplings, _, _) in zip(layers, scored)]
                     plan = global_removals([s for _, s, _ in scored], costs, sparsity, prunable_before)
+                    # each count to its nearest aligned one: within one aligned unit per layer
+                    plan = [{c.name: nearest(alignment.removals(c, adapter.head_dim, adapter.groups), plan[i][c.name])
+                             for c in couplings} for i, (couplings, _, _) in enumerate(scored)]
                 for i, (layer, (couplings, scores, stats)) in enumerate(zip(layers, scored)):
                     blocks.load(i, layer)
                     kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
@@ -160,6 +168,7 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "offload_activations": offload_activations,
+        "alignment": alignment.describe(),
         "family": adapter.family.name,
         "architecture": type(model).__name__,
         "layers": {

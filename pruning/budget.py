@@ -11,6 +11,7 @@ within half a neuron of its share.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,13 +34,58 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def uniform_removals(adapter: ArchAdapter, layers: nn.ModuleList, sparsity: float,
-                     attention_unit: str) -> list[dict[str, int]]:
+@dataclass(frozen=True)
+class Alignment:
+    """Widths that deploy: every FFN width a multiple of lcm(round_to, tp_multiple) (GEMM tiles, and vLLM's
+    column-parallel split), every V head width a multiple of min(round_to, head size), and every KV-head count
+    one a tensor-parallel size of `tp_multiple` can split (vLLM: heads % tp == 0, or tp % heads == 0 with the
+    KV heads replicated and the query heads still divisible). A layer may also keep its original width."""
+
+    round_to: int = 1
+    tp_multiple: int = 1
+
+    def __post_init__(self):
+        for name, value in (("round_to", self.round_to), ("tp_multiple", self.tp_multiple)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PruningError(f"{name} must be a whole number >= 1 (got {value!r})")
+
+    def removals(self, coupling: Coupling, head_dim: int, query_groups: int) -> list[int]:
+        """The numbers of units `coupling` may lose, ascending."""
+        n, groups = coupling.num_units, coupling.groups
+        if coupling.unit == "kv_head":
+            tp = self.tp_multiple
+            kept = [k for k in range(n + 1)
+                    if k in (0, n) or k % tp == 0 or (tp % k == 0 and k * query_groups % tp == 0)]
+            return sorted(n - k for k in kept)
+        per_group = n // groups
+        step = min(self.round_to, head_dim) if coupling.unit == "v_dim" else math.lcm(self.round_to, self.tp_multiple)
+        kept = [k for k in range(per_group + 1) if k % step == 0 or k == per_group]
+        return sorted((per_group - k) * groups for k in kept)
+
+    def describe(self) -> dict:
+        return {"round_to": self.round_to, "tp_multiple": self.tp_multiple}
+
+
+def _floor(allowed: list[int], value: float) -> int:
+    return max((a for a in allowed if a <= value + 1e-9), default=allowed[0])
+
+
+def _ceil(allowed: list[int], value: float) -> int:
+    return min((a for a in allowed if a >= value - 1e-9), default=allowed[-1])
+
+
+def nearest(allowed: list[int], value: float) -> int:
+    return min(allowed, key=lambda a: (abs(a - value), a))
+
+
+def uniform_removals(adapter: ArchAdapter, layers: nn.ModuleList, sparsity: float, attention_unit: str,
+                     alignment: Alignment = Alignment()) -> list[dict[str, int]]:
     """Per layer: coupling name -> number of units to remove."""
     plan = []
     for i, layer in enumerate(layers):
         couplings: list[Coupling] = adapter.couplings(layer, attention_unit)
         costs = {c.name: c.unit_cost(layer) for c in couplings}
+        allowed = {c.name: alignment.removals(c, adapter.head_dim, adapter.groups) for c in couplings}
         target = sparsity * sum(lin.weight.numel() for lin in adapter.prunable_linears(layer))
         removable = sum(costs[c.name] * c.num_units for c in couplings)
         if target > removable + 0.5 * min(costs.values()):
@@ -49,18 +95,16 @@ def uniform_removals(adapter: ArchAdapter, layers: nn.ModuleList, sparsity: floa
             )
         ratio = min(target / removable, 1.0) if removable else 0.0
         # the last coupling absorbs the rounding: a fine one with no equal-count groups (FFN neurons)
-        ordered = sorted(couplings, key=lambda c: (c.groups == 1, -costs[c.name]))
+        ordered = sorted(couplings, key=lambda c: (c.groups == 1 and c.unit == "neuron", -costs[c.name]))
         *coarse, finest = ordered
         # Coarse couplings round down, as FLAP's code does (int(ratio * num_heads) heads), unless the
         # finest cannot absorb the rest; then they round up.
-        for rounding in (math.floor, math.ceil):
-            layer_plan = {c.name: min(rounding(ratio * c.num_units / c.groups + 1e-9) * c.groups, c.num_units)
-                          for c in coarse}
+        for rounding in (_floor, _ceil):
+            layer_plan = {c.name: rounding(allowed[c.name], ratio * c.num_units) for c in coarse}
             rest = target - sum(layer_plan[c.name] * costs[c.name] for c in coarse)
-            layer_plan[finest.name] = max(round(rest / costs[finest.name]), 0)
-            if layer_plan[finest.name] <= finest.num_units:
+            if rest / costs[finest.name] <= finest.num_units + 0.5:
                 break
-        layer_plan[finest.name] = min(layer_plan[finest.name], finest.num_units)
+        layer_plan[finest.name] = nearest(allowed[finest.name], rest / costs[finest.name])
         plan.append(layer_plan)
     return plan
 

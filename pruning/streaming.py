@@ -27,7 +27,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from .api import PruneResult, _check_calibration, prune_blocks
 from .arch import get_adapter
-from .budget import check_sparsity
+from .budget import Alignment, check_sparsity
 from .checkpoint import METADATA_FILE, atomic_dir, record_fingerprint
 from .errors import PruningError
 from .methods import get_method
@@ -152,6 +152,8 @@ def prune_pretrained(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     offload_activations: bool = False,
+    round_to: int = 1,
+    tp_multiple: int = 1,
     progress: bool = True,
     overwrite: bool = False,
     extra_metadata: dict | None = None,
@@ -167,6 +169,7 @@ def prune_pretrained(
     sparsity = check_sparsity(sparsity)
     pruner = get_method(method, **method_options)
     calibration = _check_calibration(calibration)
+    alignment = Alignment(round_to, tp_multiple)
     source = Path(source)
     config = AutoConfig.from_pretrained(source)
     adapter = get_adapter(config)
@@ -192,7 +195,8 @@ def prune_pretrained(
         writer = ShardWriter(tmp, len(adapter.layers(model)))
         blocks = ShardedBlocks(weights, writer, prefix, device, dtype)
         result = prune_blocks(model, adapter, pruner, sparsity, calibration, blocks, batch_size=batch_size,
-                              offload_activations=offload_activations, progress=progress, started=started)
+                              offload_activations=offload_activations, alignment=alignment, progress=progress,
+                              started=started)
         _finish(result.model, writer, prefix)
         if extra_files is not None:
             extra_files(tmp)

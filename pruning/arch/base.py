@@ -71,6 +71,7 @@ class Coupling:
     consumer: str  # module path of the linear whose input columns are cut
     columns: torch.Tensor  # LongTensor [units, columns_per_unit] of consumer input columns
     groups: int = 1  # units form `groups` equal contiguous blocks that must keep equal counts
+    unit: str = "neuron"  # what one unit is: "neuron" (FFN), "v_dim" (one V dimension per KV head), "kv_head"
 
     @property
     def num_units(self) -> int:
@@ -153,12 +154,13 @@ class ArchAdapter:
         if attention_unit == "channel":
             units = torch.arange(n_kv * dv)[:, None]
             columns = o_cols.permute(0, 2, 1).reshape(n_kv * dv, g)
-            attn = Coupling("attn", {v: units}, o, columns, groups=n_kv)
+            attn = Coupling("attn", {v: units}, o, columns, groups=n_kv, unit="v_dim")
         else:
             q_rows = (heads[:, None] * g + members[None, :])[:, :, None] * hd + torch.arange(hd)
             k_rows = heads[:, None] * hd + torch.arange(hd)
             v_rows = heads[:, None] * dv + dims
-            attn = Coupling("attn", {q: q_rows.reshape(n_kv, -1), k: k_rows, v: v_rows}, o, o_cols.reshape(n_kv, -1))
+            attn = Coupling("attn", {q: q_rows.reshape(n_kv, -1), k: k_rows, v: v_rows}, o, o_cols.reshape(n_kv, -1),
+                            unit="kv_head")
         return [attn, mlp]
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
