@@ -103,3 +103,25 @@ def prune_memory(method: str = "fasp", depths: tuple[int, int] = (16, 8), work_d
     deep, shallow = depths
     lines.append(f"peak RSS ratio {deep}/{shallow} layers: {peaks[deep] / peaks[shallow]:.2f} (target <= 1.1)")
     return "\n".join(lines)
+
+
+def gemm_widths(hidden: int = 2048, width: int = 5461, tokens: int = 512, dtype: str = "float32",
+                device: str = "cpu", repeats: int = 20) -> str:
+    """Throughput of an FFN's matmuls (x @ W_up, then @ W_down) at a pruned width and at that width rounded
+    down to multiples of 8..256: how much an aligned width buys on this hardware (the README's --round-to)."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    lines = [f"{device} {dtype}: tokens {tokens}, hidden {hidden}, FFN width rounded down to a multiple of N"]
+    for multiple in (1, 8, 16, 32, 64, 128, 256):
+        w = width // multiple * multiple
+        x = torch.randn(tokens, hidden, device=dev, dtype=dt)
+        up, down = torch.randn(hidden, w, device=dev, dtype=dt), torch.randn(w, hidden, device=dev, dtype=dt)
+        for _ in range(3):
+            (x @ up) @ down
+        _sync(dev)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            (x @ up) @ down
+        _sync(dev)
+        seconds = (time.perf_counter() - started) / repeats
+        lines.append(f"N={multiple:<4d} width {w}: {4 * tokens * hidden * w / seconds / 1e9:8.1f} GFLOP/s")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from pruning.checkpoint import check_output_dir, read_metadata
 
 from . import __version__, benchmarks
 from .data import DATA_ENV, data_dir
-from .devices import DTYPES
+from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import BenchError
 from .evaluation import EvalProtocol, evaluate
 from .models import DEFAULT_MODEL
@@ -78,7 +78,8 @@ def cmd_serve(args) -> int:
     require_vllm()
     protocol = ServeProtocol(prompts=args.prompts, input_len=args.input_len, output_len=args.output_len,
                              repeats=args.repeats, dtype=args.dtype or default_dtype(),
-                             kv_cache_gib=args.kv_cache_gib, seed=args.seed)
+                             kv_cache_gib=args.kv_cache_gib, seed=args.seed,
+                             tensor_parallel_size=args.tensor_parallel_size)
     protocol.check()
     dense = args.dense or _source_model(args.checkpoints)
     specs = ([dense] if dense and dense not in args.checkpoints else []) + list(args.checkpoints)
@@ -106,7 +107,7 @@ def cmd_run(args) -> int:
     plan = RunPlan(model=args.model, methods=args.methods, sparsities=args.sparsities, profile=args.profile,
                    out=Path(args.out), work_dir=Path(args.work_dir), data_root=data_dir(args.data), seed=args.seed,
                    serve=not args.no_serve, dtype=args.dtype, device=args.device, round_to=args.round_to,
-                   tp_multiple=args.tp_multiple)
+                   tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -122,6 +123,12 @@ def cmd_report(args) -> int:
 
 def cmd_prune_speed(args) -> int:
     print(benchmarks.prune_speed(_prune_job(args)))
+    return 0
+
+
+def cmd_gemm_widths(args) -> int:
+    device = resolve_device(args.device)
+    print(benchmarks.gemm_widths(args.hidden, args.width, args.tokens, resolve_dtype(args.dtype, device), str(device)))
     return 0
 
 
@@ -149,6 +156,11 @@ def _add_alignment_args(p: argparse.ArgumentParser) -> None:
                    help="keep every FFN width and V head width a multiple of N (GEMM tiles; see README)")
     p.add_argument("--tp-multiple", type=int, default=1,
                    help="keep KV-head counts and FFN widths splittable by tensor parallelism of size K")
+
+
+def _add_tp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM tensor parallelism (prune with --tp-multiple of it so every layer splits)")
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model; the median is reported")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: float32 on CPUs without native bf16, bfloat16 otherwise")
-    p.add_argument("--kv-cache-gib", type=int, default=1, help="fixed KV-cache budget (whole GiB, default 1)")
+    p.add_argument("--kv-cache-gib", type=int, default=1,
+                   help="fixed KV-cache budget per rank (whole GiB, default 1): VLLM_CPU_KVCACHE_SPACE on a CPU, "
+                        "vLLM's kv_cache_memory_bytes on a GPU")
+    _add_tp_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900, help="seconds before a model's process is killed")
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
@@ -225,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_device_args(p)
     _add_alignment_args(p)
+    _add_tp_arg(p)
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
     p.set_defaults(run=cmd_run)
 
@@ -243,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fasp", choices=sorted(pruning.METHODS))
     p.add_argument("--work-dir", help="where the two random-init checkpoints go (about 12 GB; default: the temp dir)")
     p.set_defaults(run=cmd_prune_memory)
+
+    p = sub.add_parser("gemm-widths", help="benchmark: FFN matmul throughput at a width vs that width aligned to N")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--width", type=int, default=5461, help="an unaligned pruned FFN width (default: 2/3 of 8192)")
+    p.add_argument("--tokens", type=int, default=512)
+    _add_device_args(p)
+    p.set_defaults(run=cmd_gemm_widths)
     return parser
 
 

@@ -5,6 +5,7 @@ folders), so a rerun after a crash redoes only what is missing and a finished ru
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -71,6 +72,7 @@ class RunPlan:
     device: str | None = None  # pruning and evaluation; None: cuda when present, else cpu
     round_to: int = 1  # widths that deploy (pruning.budget.Alignment)
     tp_multiple: int = 1
+    tensor_parallel_size: int = 1  # vLLM serving
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -80,6 +82,8 @@ class RunPlan:
             raise BenchError("no methods given: --methods takes one or more of " + ", ".join(sorted(pruning.METHODS)))
         resolve_dtype(self.dtype, resolve_device(self.device))
         Alignment(self.round_to, self.tp_multiple)
+        if self.tensor_parallel_size < 1:
+            raise BenchError(f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})")
         for method in self.methods:
             get_method(method)
         if not self.sparsities:
@@ -120,7 +124,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     config = load_config(plan.model)
     calibration_seqlen = settings.calibration_seqlen or default_seqlen(config)
     serve_protocol = ServeProtocol(**{**asdict(settings.serve), "dtype": plan.dtype or default_dtype(),
-                                      "seed": plan.seed})
+                                      "seed": plan.seed, "tensor_parallel_size": plan.tensor_parallel_size})
     device = resolve_device(plan.device)
     dtype = resolve_dtype(plan.dtype, device)
     eval_protocol = EvalProtocol(tasks=settings.tasks, seqlen=settings.ppl_seqlen, max_windows=settings.max_windows,
@@ -136,7 +140,9 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         bar.set_postfix_str(f"prune {_label(method, sparsity)}")
         job = PruneJob(model=plan.model, method=method, sparsity=sparsity, nsamples=settings.nsamples,
                        seqlen=calibration_seqlen, seed=plan.seed, device=str(device), dtype=dtype,
-                       round_to=plan.round_to, tp_multiple=plan.tp_multiple, data_root=plan.data_root)
+                       round_to=plan.round_to, data_root=plan.data_root,
+                       # what is served with tensor parallelism must split at every layer
+                       tp_multiple=math.lcm(plan.tp_multiple, plan.tensor_parallel_size))
         models.append(_prune(job, plan.work_dir, store, dense_fp))
         bar.update(1)
     for model in models:

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,29 @@ def test_project_architecture_matches_transformers_greedy(served_checkpoints, ch
     assert result["tokens"] == transformers_greedy(path, PROTOCOL)
     for key in ("output_tok_s", "total_tok_s", "ttft_s", "kv_cache_tokens", "peak_rss_bytes"):
         assert result[key] > 0, key
+
+
+@pytest.mark.parametrize("family, method", [("llama", "fasp"), ("gemma3", "fasp"), ("qwen2", "flap")])
+def test_tensor_parallel_2_matches_transformers_greedy(servable_model_dirs, data_root, tmp_path, family, method):
+    """vLLM's CPU backend runs TP=2 on this machine's two cores (one rank each). Narrow V split per rank;
+    Gemma-3's one KV head replicated on both ranks; FLAP's per-layer widths and KV-head counts with
+    --tp-multiple 2 and its added output biases (reduced once, not once per rank)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import pruning
+    from fasp_bench.data import calibration_ids
+
+    dense = servable_model_dirs[family]
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    result = pruning.prune(AutoModelForCausalLM.from_pretrained(dense), method=method, sparsity=0.3,
+                           calibration=calibration_ids(tokenizer, 4, 32, root=data_root), tp_multiple=2,
+                           progress=False)
+    pruning.save_pruned(result.model, tmp_path / "ck", result.metadata, tokenizer=tokenizer)
+    protocol = ServeProtocol(**{**asdict(PROTOCOL), "tensor_parallel_size": 2})
+    served = measure_in_subprocess(str(tmp_path / "ck"), protocol, timeout_s=400, return_tokens=True)
+    assert "error" not in served, served["error"]
+    assert served["architecture"].startswith("Pruned")
+    assert served["tokens"] == transformers_greedy(tmp_path / "ck", protocol)
 
 
 @pytest.mark.parametrize("family", sorted(family_configs()))

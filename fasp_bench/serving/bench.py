@@ -43,11 +43,12 @@ class ServeProtocol:
     output_len: int = 64
     repeats: int = 3
     dtype: str = "float32"
-    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE: the fixed budget the capacity is read at
+    kv_cache_gib: int = 1  # per rank: VLLM_CPU_KVCACHE_SPACE on a CPU, kv_cache_memory_bytes on a GPU
     seed: int = 0
+    tensor_parallel_size: int = 1
 
     def check(self) -> None:
-        for name in ("prompts", "input_len", "output_len", "repeats", "kv_cache_gib"):
+        for name in ("prompts", "input_len", "output_len", "repeats", "kv_cache_gib", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.dtype not in _DTYPE_BYTES:
@@ -77,13 +78,33 @@ def _numel(weights, name: str) -> int:
     return count
 
 
+def cpu_tensor_parallel_env(tp: int) -> dict[str, str]:
+    """vLLM's CPU backend binds each rank to a NUMA node by default and refuses more ranks than nodes; on a
+    one-node machine give each rank its own contiguous slice of this process's cores instead, and keep no
+    core back for the scheduler when a rank would be left with none."""
+    from .install import has_nvidia_gpu
+
+    if tp == 1 or has_nvidia_gpu() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        raise BenchError(f"--tensor-parallel-size {tp} needs at least {tp} CPU cores; this process has {len(cores)}")
+    per_rank = len(cores) // tp
+    slices = [cores[r * per_rank:(r + 1) * per_rank] for r in range(tp)]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, s)) for s in slices)}
+    if per_rank < 2:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env
+
+
 def measure_in_subprocess(path: str, protocol: ServeProtocol, timeout_s: float = 900,
                           return_tokens: bool = False) -> dict:
     """The measurement of one model in a fresh process: a result dict, or {"error": one line}."""
     spec = {**asdict(protocol), "model": path, "return_tokens": return_tokens}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(protocol.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(protocol.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",
+           **cpu_tensor_parallel_env(protocol.tensor_parallel_size)}
     proc = subprocess.Popen([sys.executable, "-m", "fasp_bench.serving.measure", handle.name], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

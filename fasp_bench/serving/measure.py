@@ -50,11 +50,15 @@ def prompt_token_ids(vocab_size: int, prompts: int, input_len: int, seed: int, b
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
 
+    # The KV budget: the CPU backend reads VLLM_CPU_KVCACHE_SPACE (set by main); a GPU takes it as an engine
+    # argument, in place of the gpu_memory_utilization fraction.
+    budget = {"kv_cache_memory_bytes": spec["kv_cache_gib"] << 30} if current_platform.is_cuda_alike() else {}
     started = time.perf_counter()
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, seed=spec["seed"],
               max_model_len=spec["input_len"] + spec["output_len"] + 8, max_num_seqs=max(spec["prompts"], 1),
-              disable_log_stats=True)
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1), disable_log_stats=True, **budget)
     load_s = time.perf_counter() - started
     from fasp_bench.data import bos_id
 
@@ -88,6 +92,7 @@ def run(spec: dict) -> dict:
         "load_s": load_s,
         "generated_tokens": generated,
         "architecture": llm.llm_engine.model_config.architectures[0],
+        "platform": current_platform.device_name,
         "bos": bos is not None,
     }
     if spec.get("return_tokens"):
