@@ -20,7 +20,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -53,16 +53,16 @@ class SafetensorsSource:
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         single = self.folder / "model.safetensors"
+        if not index.is_file() and not single.is_file():
+            raise PruningError(f"{self.folder} has no safetensors weights (model.safetensors or {INDEX_FILE}): "
+                               "convert the checkpoint to safetensors or prune it in memory")
         try:
             if index.is_file():
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self.files = {key: self.folder / name for key, name in weight_map.items()}
-            elif single.is_file():
+            else:
                 with safe_open(single, "pt") as f:
                     self.files = dict.fromkeys(f.keys(), single)
-            else:
-                raise PruningError(f"{self.folder} has no safetensors weights (model.safetensors or {INDEX_FILE}): "
-                                   "convert the checkpoint to safetensors or prune it in memory")
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise PruningError(f"cannot read the safetensors index of {self.folder} ({err}): "
                                "is the checkpoint complete? re-download it") from None
@@ -212,7 +212,7 @@ def _finish(model: PreTrainedModel, writer: ShardWriter, prefix: str) -> None:
         expected = {f"{prefix}.{i}.{k}": v for k, v in layer.state_dict().items()}
         written = set(writer.keys(i))
         if set(expected) - written:
-            tensors = SafetensorsSource(writer.folder).read(sorted(written))
+            tensors = load_file(writer.folder / writer.file_name(i))
             for key in set(expected) - written:  # a bias added, as zeros, so every block records one
                 tensors[key] = torch.zeros(expected[key].shape, dtype=expected[key].dtype)
             writer.write(i, tensors)
