@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,24 @@ def servable_model_dirs(tmp_path_factory) -> dict[str, Path]:
         tokenizer.save_pretrained(path)
         dirs[name] = path
     return dirs
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`fasp-bench ARGS` in this process: returns (exit code, stdout, stderr). `data` sets FASP_BENCH_DATA.
+
+    main() turns BenchError/PruningError into one line and exit code 2; argparse's own errors raise SystemExit.
+    """
+    from fasp_bench.cli import main
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own format
+
+    def run(*args, data=None):
+        if data is not None:
+            monkeypatch.setenv("FASP_BENCH_DATA", str(data))
+        capsys.readouterr()
+        code = main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import pruning
 from pruning.arch import FAMILIES, families, get_adapter, supported_model_types
-from pruning.budget import prunable_params
 from pruning.surgery import cut
 
 METHODS = [("fasp", {}), ("flap", {}), ("flap", {"structure": "UL-UM"}), ("wanda-sp", {})]
@@ -91,19 +90,36 @@ def test_surgery_equals_masking(tiny_model, probe, unit, tmp_path):
     assert torch.equal(generated, ids)
 
 
+def _block_matrices(model) -> int:
+    """Prunable parameters counted from the model's own tensors: every matrix inside a decoder block."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
+
+
+def _unit_costs(config, unit: str) -> dict[str, int]:
+    """Weights one step of each coupling removes, from the dense shapes: an FFN neuron (a row of each producer,
+    gate and up or OPT's fc1, and a consumer column); one V dimension in every KV head (its v rows and the o
+    columns of every query head); one KV head (its query heads' q rows, its k and v rows, their o columns)."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    producers = 1 if config.model_type == "opt" else 2
+    attn = kv * hidden + heads * hidden if unit == "channel" else hidden * head_dim * 2 * (heads // kv + 1)
+    return {"attn": attn, "mlp": (producers + 1) * hidden}
+
+
 @pytest.mark.parametrize("method, options", METHODS)
 @pytest.mark.parametrize("sparsity", [0.2, 0.45])
 def test_methods_meet_the_size_and_reload(tiny_model, calibration, probe, tmp_path, method, options, sparsity):
-    """Realised sparsity within one unit per layer; the checkpoint reloads with the same logits, as the
+    """Realised sparsity, counted on the models, within one unit per layer (the largest step: a KV head, or one
+    V dimension in every KV head) and as pruning.json reports it; the checkpoint reloads with the same logits, as the
     family's stock class where shapes stayed stock and as its project class otherwise."""
     adapter = get_adapter(tiny_model.config)
-    layers = adapter.layers(tiny_model)
-    before = prunable_params(adapter, layers)
-    unit = "channel" if method == "fasp" else "head"
-    largest = max(c.unit_cost(layers[0]) for c in adapter.couplings(layers[0], unit))
+    before = _block_matrices(tiny_model)
     result = pruning.prune(tiny_model, method, sparsity, calibration, progress=False, **options)
-    removed = before - result.metadata["prunable_params"]["after"]
-    assert abs(removed - sparsity * before) <= len(layers) * largest
+    after = _block_matrices(result.model)
+    largest = max(_unit_costs(tiny_model.config, "channel" if method == "fasp" else "head").values())
+    assert abs((before - after) - sparsity * before) <= tiny_model.config.num_hidden_layers * largest
+    assert result.metadata["prunable_params"] == {"before": before, "after": after}
     assert result.metadata["family"] == adapter.family.name
     out = pruning.save_pruned(result.model, tmp_path / "ck", result.metadata)
     config = json.loads((out / "config.json").read_text())

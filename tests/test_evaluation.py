@@ -1,4 +1,6 @@
-"""`fasp-bench eval`: a table and records in the store; reruns reuse them; kill -9 loses only what was in flight."""
+"""`fasp-bench eval`: a table and records in the store; reruns reuse them; kill -9 loses only what was in flight.
+
+Everything runs in this process (`cli` fixture) except the kill -9 test, the one real `eval` subprocess."""
 
 import json
 import os
@@ -8,7 +10,7 @@ import sys
 import time
 
 import pytest
-from test_cli import run_cli
+from test_cli import one_line_error
 
 EVAL = ("--ppl", "wikitext2,c4", "--seqlen", "64", "--max-windows", "3", "--zeroshot", "arc_easy,winogrande",
         "--limit", "4")
@@ -19,19 +21,20 @@ def _keys(path):
             for r in map(json.loads, path.read_text().splitlines())]
 
 
-def test_eval_prints_a_table_and_a_rerun_measures_nothing(tiny_model_dirs, data_root, tmp_path):
-    done = run_cli("eval", tiny_model_dirs["opt"], *EVAL, "--zeroshot", "arc_easy,hellaswag",
-                   "--run-dir", tmp_path, env_data=data_root)
-    assert done.returncode == 0, done.stderr
-    assert "ppl wikitext2" in done.stdout and "ppl c4-heldout" in done.stdout and "zero-shot arc_easy" in done.stdout
-    assert "unavailable" in done.stdout  # hellaswag: no offline copy, tox runs with the hub off
+def test_eval_prints_a_table_and_a_rerun_measures_nothing(cli, tiny_model_dirs, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hellaswag has no offline copy: unavailable, not downloaded
+    code, out, err = cli("eval", tiny_model_dirs["opt"], *EVAL, "--zeroshot", "arc_easy,hellaswag",
+                         "--run-dir", tmp_path, data=data_root)
+    assert code == 0, err
+    assert "ppl wikitext2" in out and "ppl c4-heldout" in out and "zero-shot arc_easy" in out
+    assert "unavailable" in out
     store = tmp_path / "results.jsonl"
     first = store.read_text()
     assert len(first.splitlines()) == 3
-    again = run_cli("eval", tiny_model_dirs["opt"], *EVAL, "--zeroshot", "arc_easy", "--run-dir", tmp_path,
-                    env_data=data_root)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.count("cached") == 3 and "measured" not in again.stdout
+    code, again, err = cli("eval", tiny_model_dirs["opt"], *EVAL, "--zeroshot", "arc_easy", "--run-dir", tmp_path,
+                           data=data_root)
+    assert code == 0, err
+    assert again.count("cached") == 3 and "measured" not in again
     assert store.read_text() == first
 
 
@@ -44,15 +47,15 @@ def test_eval_prints_a_table_and_a_rerun_measures_nothing(tiny_model_dirs, data_
         (("--tasks-dir", "/nonexistent/tasks"), "tasks folder /nonexistent/tasks does not exist"),
     ],
 )
-def test_bad_eval_input_one_line_error(tiny_model_dirs, data_root, tmp_path, extra, message):
-    done = run_cli("eval", tiny_model_dirs["opt"], *extra, "--run-dir", tmp_path / "run", env_data=data_root)
-    assert done.returncode == 2 and message in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+def test_bad_eval_input_one_line_error(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
+    code, out, err = cli("eval", tiny_model_dirs["opt"], *extra, "--run-dir", tmp_path / "run", data=data_root)
+    one_line_error(code, out, err, message)
+    assert out == ""
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "garbled config"])
-def test_corrupt_checkpoint_one_line_error(tiny_model_dirs, data_root, tmp_path, damage):
+def test_corrupt_checkpoint_one_line_error(cli, tiny_model_dirs, data_root, tmp_path, damage):
     import shutil
 
     broken = tmp_path / "broken"
@@ -62,10 +65,9 @@ def test_corrupt_checkpoint_one_line_error(tiny_model_dirs, data_root, tmp_path,
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     else:
         (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
-    done = run_cli("eval", broken, "--ppl", "wikitext2", "--max-windows", "1", "--run-dir", tmp_path / "run",
-                   env_data=data_root)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and str(broken) in done.stderr, done.stderr
+    code, out, err = cli("eval", broken, "--ppl", "wikitext2", "--max-windows", "1", "--run-dir", tmp_path / "run",
+                         data=data_root)
+    one_line_error(code, out, err, str(broken))
     assert not (tmp_path / "run" / "results.jsonl").exists()
 
 

@@ -1,11 +1,19 @@
 """Perplexity agrees with a straightforward independent implementation."""
 
+import gzip
+import json
 import math
 
 import pytest
 import torch
 
-from fasp_bench.data import HELDOUT_DOCS, c4_documents, perplexity_dataset, wikitext2_test_text
+from fasp_bench.data import (
+    CALIBRATION_DOCS,
+    HELDOUT_DOCS,
+    perplexity_dataset,
+    perplexity_text,
+    wikitext2_test_text,
+)
 from fasp_bench.perplexity import perplexity
 
 
@@ -28,9 +36,19 @@ def test_matches_independent_implementation_on_a_tiny_model(tiny_model):
 
 
 def test_c4_heldout_is_documents_500_to_999(data_root):
+    """The offline C4 perplexity text, as the evaluation builds it, against the shipped shard read by hand:
+    documents 500-999 in file order joined with a space (SparseGPT's join), and no calibration document."""
+    with gzip.open(data_root / "c4" / "c4-train.00000-of-01024.first1000.jsonl.gz", "rt", encoding="utf-8") as lines:
+        texts = [json.loads(line)["text"] for line in lines]
+    assert len(texts) == 1000
+    text = perplexity_text("c4", data_root)
+    assert text == " ".join(texts[500:1000])
+    assert text.startswith(texts[500]) and text.endswith(texts[999])
+    calibration = texts[:500]
+    assert not [i for i, doc in enumerate(calibration) if doc in text]
     assert perplexity_dataset("c4", data_root) == "c4-heldout"
     assert perplexity_dataset("c4", None) == "c4-validation"
-    assert len(c4_documents(data_root, HELDOUT_DOCS)) == len(HELDOUT_DOCS) == 500
+    assert (CALIBRATION_DOCS.start, CALIBRATION_DOCS.stop, HELDOUT_DOCS.start, HELDOUT_DOCS.stop) == (0, 500, 500, 1000)
 
 
 @pytest.mark.real_model

@@ -7,13 +7,29 @@ import torch
 
 import pruning
 from pruning.arch import get_adapter
-from pruning.budget import prunable_params
+
+
+def block_matrices(model) -> int:
+    """Prunable parameters counted from the model's own tensors: every matrix inside a decoder block (the
+    attention's q/k/v/o and the FFN's linears; norms are vectors, and biases are not prunable parameters)."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
+
+
+def neuron_cost(model) -> int:
+    """Weights one FFN neuron owns, from the dense shapes: a row of each producer (gate and up; OPT: fc1) and a
+    column of the consumer, i.e. every block matrix with the FFN width as a dimension, divided by that width."""
+    config = model.config
+    width = getattr(config, "intermediate_size", None) or config.ffn_dim
+    owning = [p for name, p in model.named_parameters() if ".layers.0." in name and p.dim() == 2 and width in p.shape]
+    return sum(p.numel() for p in owning) // width
 
 
 def _masked_dense(model, kept_units, attention_unit):
-    """The dense model with the producer rows of every removed unit zeroed (biases too)."""
+    """The dense model with the producer rows of every removed unit zeroed (biases too), and the parameters
+    that a physical cut of the same units removes: those rows and biases, and the consumer columns."""
     masked = copy.deepcopy(model)
     adapter = get_adapter(masked.config)
+    removed_params = 0
     for layer, kept in zip(adapter.layers(masked), kept_units):
         for coupling in adapter.couplings(layer, attention_unit):
             if coupling.name not in kept:
@@ -24,21 +40,43 @@ def _masked_dense(model, kept_units, attention_unit):
                 linear = layer.get_submodule(path)
                 idx = rows[removed].flatten()
                 linear.weight.data[idx] = 0
+                removed_params += idx.numel() * linear.in_features
                 if linear.bias is not None:
                     linear.bias.data[idx] = 0
-    return masked
+                    removed_params += idx.numel()
+            consumer = layer.get_submodule(coupling.consumer)
+            removed_params += coupling.columns[removed].numel() * consumer.out_features
+            if coupling.unit == "kv_head" and removed.all():  # no head left: the Q/K norms (Gemma-3, Qwen3) go too
+                attention, _, _ = coupling.consumer.rpartition(".")
+                linears = {path.rpartition(".")[2] for path in [*coupling.producers, coupling.consumer]}
+                removed_params += sum(p.numel() for name, p in layer.get_submodule(attention).named_parameters()
+                                      if name.partition(".")[0] not in linears)
+    return masked, removed_params
 
 
-@pytest.mark.parametrize("sparsity", [0.1, 0.35])
-def test_surgery_equals_masking(tiny_model, calibration, probe, sparsity):
+# Masking equals surgery wherever the consumer is only sliced: FASP without restoration (V dimensions),
+# Wanda-SP and FLAP without compensation (whole KV heads with their query heads; 70% makes Wanda-SP cut
+# heads in every family, Gemma-3's single KV head included, FLAP at 60% cuts heads and widths per layer).
+MASKABLE = [("fasp", {"restore": False}, "channel", 0.1), ("fasp", {"restore": False}, "channel", 0.35),
+            ("wanda-sp", {}, "head", 0.7), ("flap", {"compensate": False}, "head", 0.6)]
+
+
+@pytest.mark.parametrize("method, options, unit, sparsity", MASKABLE)
+def test_surgery_equals_masking(tiny_model, calibration, probe, method, options, unit, sparsity):
     dense_logits = tiny_model(probe).logits
-    result = pruning.prune(tiny_model, "fasp", sparsity, calibration, restore=False, progress=False)
+    dense_total = sum(p.numel() for p in tiny_model.parameters())
+    dense_matrices = block_matrices(tiny_model)
+    result = pruning.prune(tiny_model, method, sparsity, calibration, progress=False, **options)
     assert torch.equal(tiny_model(probe).logits, dense_logits), "pruning must not modify the input model"
-    masked = _masked_dense(tiny_model, result.kept_units, "channel")
+    assert any("attn" in kept for kept in result.kept_units), "the attention lost no unit: nothing to compare"
+    masked, removed = _masked_dense(tiny_model, result.kept_units, unit)
     torch.testing.assert_close(result.model(probe).logits, masked(probe).logits, rtol=1e-5, atol=1e-5)
-    # and the pruned matrices really are smaller
-    assert result.metadata["prunable_params"]["after"] < result.metadata["prunable_params"]["before"]
-    assert result.metadata["total_params"]["after"] == sum(p.numel() for p in result.model.parameters())
+    # and the pruned matrices really are smaller, by exactly the masked rows and columns
+    assert removed > 0
+    pruned_total = sum(p.numel() for p in result.model.parameters())
+    assert pruned_total == dense_total - removed
+    assert result.metadata["total_params"] == {"before": dense_total, "after": dense_total - removed}
+    assert result.metadata["prunable_params"]["after"] == block_matrices(result.model) < dense_matrices
 
 
 def test_sparsity_zero_gives_the_dense_model(tiny_model, calibration, probe):
@@ -49,14 +87,14 @@ def test_sparsity_zero_gives_the_dense_model(tiny_model, calibration, probe):
 
 @pytest.mark.parametrize("sparsity", [0.05, 0.2, 0.3, 0.5])
 def test_realised_sparsity_within_one_neuron_per_layer(tiny_model, calibration, sparsity):
-    adapter = get_adapter(tiny_model.config)
-    layers = adapter.layers(tiny_model)
-    before = prunable_params(adapter, layers)
-    neuron = max(c.unit_cost(layers[0]) for c in adapter.couplings(layers[0], "channel") if c.name == "mlp")
+    """Counted on the models themselves: the removed block matrices are the request within one FFN neuron per
+    layer, and pruning.json reports exactly those counts."""
+    before, neuron = block_matrices(tiny_model), neuron_cost(tiny_model)
     result = pruning.prune(tiny_model, "fasp", sparsity, calibration, progress=False)
-    removed = before - result.metadata["prunable_params"]["after"]
-    assert abs(removed - sparsity * before) <= len(layers) * neuron
-    assert result.metadata["sparsity_realised"] == pytest.approx(removed / before)
+    after = block_matrices(result.model)
+    assert abs((before - after) - sparsity * before) <= tiny_model.config.num_hidden_layers * neuron
+    assert result.metadata["prunable_params"] == {"before": before, "after": after}
+    assert result.metadata["sparsity_realised"] == pytest.approx(1 - after / before, rel=1e-12)
 
 
 def test_gqa_keeps_one_v_width_per_layer_and_cuts_every_query_head(calibration, probe):

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 
 import pytest
 
@@ -76,16 +77,45 @@ def test_prompts_are_lm_evals_formats(data_root):
     assert wino.doc_to_choice(doc) == doc["context_options"] and wino.doc_to_text(doc) == doc["gold"]
 
 
+def _pick(record: dict) -> int:
+    """A choice that depends on the document alone, right for some documents and wrong for others."""
+    options = record.get("choices") or record["context_options"]
+    return len(record.get("query", record.get("continuation", ""))) % len(options)
+
+
 @pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_each_task_scores_a_tiny_model(data_root, tiny_model_dirs, name):
+def test_each_task_scores_a_tiny_model(data_root, tiny_model_dirs, monkeypatch, name):
+    """The tiny model is run on every request; its log-likelihoods are then replaced by a ranking that puts
+    `_pick(doc)` first, so the accuracy must be the fraction of the file's first documents whose gold is that
+    pick: what the task YAML reads as the gold, the documents it takes, lm-eval's scoring, all in one number."""
+    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    limit = 10
+    real = HFLM.loglikelihood
+    scored = []
+
+    def ranked(self, requests, disable_tqdm=False):
+        scored.extend(real(self, requests, disable_tqdm=True))
+        return [(0.0 if request.idx == _pick(request.doc) else -1.0, False) for request in requests]
+
+    monkeypatch.setattr(HFLM, "loglikelihood", ranked)
     path = tiny_model_dirs["llama-gqa"]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    result = evaluate_task(model, tokenizer, name, data_root, limit=3, batch_size=4)
-    assert 0.0 <= result["acc"] <= 1.0 and result["docs"] == 3
-    assert result["docs_total"] == len(shipped_records(data_root, name))
-    assert (result["acc_norm"] is None) == (name in ("boolq", "winogrande"))  # lm-eval scores those by acc only
+    result = evaluate_task(model, tokenizer, name, data_root, limit=limit, batch_size=4)
+
+    records = shipped_records(data_root, name)
+    first = records[:limit]
+    expected = sum(record["gold"] == _pick(record) for record in first) / limit
+    assert 0 < expected < 1  # a pick that is sometimes right, sometimes wrong
+    assert result["acc"] == pytest.approx(expected)
+    assert (result["docs"], result["docs_total"]) == (limit, len(records))
+    # lm-eval scores BoolQ and WinoGrande by acc only; acc_norm divides by the choice's length, same winner
+    assert result["acc_norm"] == (None if name in ("boolq", "winogrande") else pytest.approx(expected))
+    # the model itself scored one request per option of every document, each a finite log-probability
+    options = sum(len(record.get("choices") or record["context_options"]) for record in first)
+    assert len(scored) == options
+    assert all(math.isfinite(ll) and ll < 0 for ll, _ in scored)
 
 
 def test_a_dropped_in_yaml_is_a_new_task(data_root, tiny_model_dirs, tmp_path):
