@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 import pruning
 from pruning.checkpoint import check_output_dir, read_metadata
+from pruning.methods import parse_method_spec
 
 from . import __version__, benchmarks
 from .data import DATA_ENV, data_dir
@@ -46,7 +47,10 @@ def _method_options(args) -> dict:
 
 
 def _prune_job(args) -> PruneJob:
-    return PruneJob(model=args.model, method=args.method, sparsity=args.sparsity, options=_method_options(args),
+    method, options = parse_method_spec(args.method)  # `--method fasp:restore=false` is `--method fasp --no-restore`
+    args.method = method
+    return PruneJob(model=args.model, method=method, sparsity=args.sparsity,
+                    options={**options, **_method_options(args)},
                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                     device=args.device, dtype=args.dtype, offload_activations=args.offload_activations,
                     round_to=args.round_to, tp_multiple=args.tp_multiple, data_root=data_dir(args.data))
@@ -170,7 +174,9 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_args(p: argparse.ArgumentParser, sparsity_required: bool) -> None:
-    p.add_argument("--method", default="fasp", help=f"one of {', '.join(sorted(pruning.METHODS))} (default fasp)")
+    p.add_argument("--method", default="fasp",
+                   help=f"one of {', '.join(sorted(pruning.METHODS))} (default fasp), with options as in run: "
+                        "fasp:restore=false")
     p.add_argument("--sparsity", type=float, required=sparsity_required, default=None if sparsity_required else 0.2,
                    help="fraction of prunable (attention + MLP) parameters to remove, in [0, 1)")
     p.add_argument("--no-restore", action="store_true", help="FASP without least-squares restoration (ablation)")
@@ -230,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("run", help="the whole comparison: prune, evaluate, serve, report (scripts/compare.py)")
-    p.add_argument("--methods", nargs="+", default=["fasp", "flap", "wanda-sp"])
+    p.add_argument("--methods", nargs="+", default=["fasp", "flap", "wanda-sp"],
+                   help="methods, each with options if any: fasp fasp:restore=false flap:structure=UL-UM wanda-sp")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)} (default quick)")

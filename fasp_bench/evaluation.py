@@ -80,7 +80,8 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
             return perplexity(model, ids, seqlen, windows, protocol.batch_size, desc=f"{print_name} {dataset}",
                               bos=bos_id(tokenizer))
 
-        record, cached = store.measure(fp, "perplexity", key, run_ppl, model=print_name)
+        record, cached = store.measure(fp, "perplexity", key, run_ppl, model=print_name,
+                                       complete=lambda result: "window_nll" in result)
         rows.append(_row(record, cached, f"ppl {dataset}", record["result"]["ppl"],
                          f"{record['result']['windows']} x {seqlen} tokens"))
 
@@ -100,7 +101,8 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
                                  protocol.seed, list(protocol.tasks_dirs))
 
         try:
-            record, cached = store.measure(fp, "zeroshot", key, run_task, model=print_name)
+            record, cached = store.measure(fp, "zeroshot", key, run_task, model=print_name,
+                                           complete=lambda result: "doc_acc" in result)
         except BenchError as err:
             if source.startswith("yaml:"):
                 raise

@@ -1,6 +1,7 @@
 """Perplexity, SparseGPT/Wanda protocol: the text tokenised once, non-overlapping windows of `seqlen`
 tokens, token-level NLL averaged over every predicted token, then exp. For a model trained with a BOS, every
-window is <bos> + `seqlen - 1` text tokens, so every window is scored as the model expects to start."""
+window is <bos> + `seqlen - 1` text tokens, so every window is scored as the model expects to start.
+Each window's mean NLL is returned too: the report's intervals and paired comparisons resample windows."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | N
     if bos is not None:
         chunks = torch.cat([torch.full((windows, 1), bos, dtype=chunks.dtype), chunks], dim=1)
     device = next(model.parameters()).device
-    nll, predicted = 0.0, 0
+    window_nll = []
     for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", disable=not progress):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        predicted += batch[:, 1:].numel()
-    return {"ppl": math.exp(nll / predicted), "nll": nll / predicted, "windows": windows,
-            "predicted_tokens": predicted, "seqlen": seqlen, "bos": bos is not None}
+        token_nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        window_nll.extend(token_nll.mean(dim=1).tolist())
+    # every window predicts the same number of tokens, so the token mean is the mean of the window means
+    nll = math.fsum(window_nll) / windows
+    return {"ppl": math.exp(nll), "nll": nll, "windows": windows, "predicted_tokens": windows * (seqlen - 1),
+            "seqlen": seqlen, "bos": bos is not None, "window_nll": window_nll}

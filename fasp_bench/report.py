@@ -1,24 +1,30 @@
-"""The comparison report: results-store records -> pandas markdown tables + matplotlib plots in reports/.
+"""The comparison report: results-store records -> Findings, markdown tables with intervals, plots in reports/.
 
-Everything is computed from the records of one run (the latest `run` record names its models and
-protocols), so the report can be rebuilt from the JSONL alone: `fasp-bench report --results FILE`.
+Everything is computed from the records of one run (the latest `run` record names its models and protocols),
+so the report can be rebuilt from the JSONL alone: `fasp-bench report --results FILE`. Intervals come from the
+per-item data stored with each record (stats.py); a record written before per-item data was kept still renders,
+without an interval, and any comparison that needs it says "not resolved".
 """
 
 from __future__ import annotations
 
+import math
 import shutil
+from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from . import stats
+from .errors import BenchError
+from .plots import PLOTS, plot_all
+from .store import ResultsStore
 
-from .errors import BenchError  # noqa: E402
-from .store import ResultsStore  # noqa: E402
-
-PLOTS = ("perplexity.png", "throughput.png", "pareto.png", "memory.png")
+DATASET_NAMES = {"wikitext2": "WikiText-2", "c4-heldout": "c4-heldout", "c4": "C4"}
+TASK_NAMES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+              "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+__all__ = ["PLOTS", "Items", "difference", "findings", "latest_run", "model_table", "paired_table", "write_report"]
 
 
 def latest_run(records: list[dict]) -> dict:
@@ -40,29 +46,48 @@ def _select(records: list[dict], fingerprint: str, metric: str, match: dict) -> 
     return chosen
 
 
-def model_table(records: list[dict], run: dict | None = None) -> pd.DataFrame:
-    """One row per model of the run, dense first: size, quality, prune time, serving."""
+@dataclass
+class Items:
+    """Per-item data of one model: window NLLs per perplexity set, document correctness per task."""
+    windows: dict[str, list[float]] = field(default_factory=dict)
+    docs: dict[str, tuple[list, list[float]]] = field(default_factory=dict)  # task -> (doc ids, correct)
+
+
+def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFrame, dict[str, Items]]:
+    """One row per model of the run, dense first, with every figure's interval; and each model's per-item data."""
     run = run or latest_run(records)
     plan = run["result"]
-    rows = []
+    rows, items = [], {}
     for model in plan["models"]:
-        fp = model["fingerprint"]
-        row = {"model": model["label"], "method": model.get("method") or "dense",
-               "sparsity": model.get("sparsity", 0.0)}
+        fp, label = model["fingerprint"], model["label"]
+        item = items[label] = Items()
+        row = {"model": label, "method": model.get("method") or "dense", "sparsity": model.get("sparsity", 0.0)}
         row.update({k: model.get(k) for k in ("params", "sparsity_realised", "model_sparsity_realised",
                                               "prune_seconds")})
         if row["method"] == "dense":
             row["sparsity_realised"] = row["model_sparsity_realised"] = 0.0
         for dataset, r in _select(records, fp, "perplexity", plan["ppl_match"]).items():
             row[f"ppl {dataset}"] = r["result"]["ppl"]
-        accs = []
+            if r["result"].get("window_nll"):
+                item.windows[dataset] = r["result"]["window_nll"]
+                ci = stats.perplexity_interval(item.windows[dataset])
+                row[f"ppl {dataset} low"], row[f"ppl {dataset} high"] = ci.low, ci.high
+        stderrs = []
         for task, r in _select(records, fp, "zeroshot", plan["zeroshot_match"]).items():
             row[f"acc {task}"] = r["result"]["acc"]
-            accs.append(r["result"]["acc"])
+            if r["result"].get("doc_acc"):
+                item.docs[task] = (r["result"]["doc_ids"], r["result"]["doc_acc"])
+                row[f"acc {task} se"] = stats.accuracy_stderr(r["result"]["doc_acc"])
+                stderrs.append(row[f"acc {task} se"])
+        accs = [v for k, v in row.items() if k.startswith("acc ") and not k.endswith(" se") and v is not None]
         row["acc mean"] = sum(accs) / len(accs) if accs else None
+        row["acc mean se"] = stats.mean_accuracy_stderr(stderrs) if accs and len(stderrs) == len(accs) else None
         serving = _select(records, fp, "serving", plan["serve_match"]).get("serving")
         result = serving["result"] if serving else {}
         row["out tok/s"] = result.get("output_tok_s")
+        ranged = serving is not None and serving["protocol"].get("repeats", 1) > 1  # one repeat has no range
+        row["out tok/s min"] = result.get("output_tok_s_min") if ranged else None
+        row["out tok/s max"] = result.get("output_tok_s_max") if ranged else None
         row["TTFT ms"] = result["ttft_s"] * 1000 if "ttft_s" in result else None
         row["weight MB"] = result["weight_bytes"] / 1e6 if "weight_bytes" in result else None
         row["KV tokens"] = result.get("kv_cache_tokens")
@@ -72,88 +97,214 @@ def model_table(records: list[dict], run: dict | None = None) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     dense = table.iloc[0]
     if dense["out tok/s"]:
-        table.insert(table.columns.get_loc("out tok/s") + 1, "speedup", table["out tok/s"] / dense["out tok/s"])
+        table["speedup"] = table["out tok/s"] / dense["out tok/s"]
+        # the range of the ratio over every pair of repeats: slowest model run / fastest dense run, and back
+        table["speedup low"] = table["out tok/s min"] / dense["out tok/s max"]
+        table["speedup high"] = table["out tok/s max"] / dense["out tok/s min"]
     if dense["weight MB"]:
-        table.insert(table.columns.get_loc("weight MB") + 1, "dense/weights", dense["weight MB"] / table["weight MB"])
+        table["dense/weights"] = dense["weight MB"] / table["weight MB"]
     if dense["KV tokens"]:
-        table.insert(table.columns.get_loc("KV tokens") + 1, "KV ratio", table["KV tokens"] / dense["KV tokens"])
-    if table["serving error"].isna().all():
-        table = table.drop(columns="serving error")
-    return table
+        table["KV ratio"] = table["KV tokens"] / dense["KV tokens"]
+    return table, items
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="n/a")
+def _paired_docs(a: Items, b: Items, tasks: list[str]) -> tuple[list, list] | None:
+    """Both models' correctness on the same documents of every task, or None if any task lacks per-doc data."""
+    pairs_a, pairs_b = [], []
+    for task in tasks:
+        if task not in a.docs or task not in b.docs:
+            return None
+        ids_a, acc_a = a.docs[task]
+        by_id = dict(zip(*b.docs[task]))
+        common = [(x, by_id[i]) for i, x in zip(ids_a, acc_a) if i in by_id]
+        if not common:
+            return None
+        pairs_a.append([x for x, _ in common])
+        pairs_b.append([y for _, y in common])
+    return pairs_a, pairs_b
 
 
-def _plot(table: pd.DataFrame, out: Path) -> list[str]:
+def difference(a: Items, b: Items, metric: str, tasks: list[str]) -> stats.Interval | None:
+    """a - b on one metric ("ppl DATASET": log-perplexity; "acc mean": mean accuracy), paired over the same
+    windows or documents; None where either record lacks per-item data."""
+    if metric.startswith("ppl "):
+        wa, wb = a.windows.get(metric[4:]), b.windows.get(metric[4:])
+        return stats.paired_log_ppl_difference(wa, wb) if wa and wb and len(wa) == len(wb) else None
+    docs = _paired_docs(a, b, tasks) if tasks else None
+    return stats.paired_accuracy_difference(*docs) if docs else None
+
+
+def _quality_metrics(table: pd.DataFrame) -> list[str]:
+    metrics = [c for c in table.columns if c.startswith("ppl ") and not c.endswith((" low", " high"))]
+    return metrics + (["acc mean"] if "acc mean" in table and table["acc mean"].notna().any() else [])
+
+
+def _tasks(table: pd.DataFrame) -> list[str]:
+    return [c[4:] for c in table.columns if c.startswith("acc ") and not c.endswith(" se") and c != "acc mean"]
+
+
+def paired_table(table: pd.DataFrame, items: dict[str, Items]) -> pd.DataFrame:
+    """Every pair of methods at one sparsity: paired differences (a - b) with 95% intervals; NaN where a record
+    has no per-item data."""
+    rows = []
     pruned = table[table["method"] != "dense"]
-    methods = sorted(pruned["method"].unique())
-    ppl_columns = [c for c in table.columns if c.startswith("ppl ")]
-
-    fig, axes = plt.subplots(1, max(1, len(ppl_columns)), figsize=(5 * max(1, len(ppl_columns)), 4), squeeze=False)
-    for ax, column in zip(axes[0], ppl_columns):
-        for method in methods:
-            rows = pruned[pruned["method"] == method].sort_values("sparsity")
-            ax.plot(rows["sparsity"], rows[column], marker="o", label=method)
-        ax.axhline(table.iloc[0][column], color="gray", linestyle="--", label="dense")
-        ax.set(title=column.replace("ppl ", "perplexity: "), xlabel="sparsity (prunable)", ylabel="perplexity")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "perplexity.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for method in methods:
-        rows = pruned[pruned["method"] == method].sort_values("sparsity")
-        ax.plot(rows["sparsity"], rows["out tok/s"], marker="o", label=method)
-    ax.axhline(table.iloc[0]["out tok/s"], color="gray", linestyle="--", label="dense")
-    ax.set(title="vLLM output throughput", xlabel="sparsity (prunable)", ylabel="output tokens/s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-
-    quality = ppl_columns[0] if ppl_columns else None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    if quality:
-        for method in ["dense", *methods]:
-            rows = table[table["method"] == method]
-            ax.scatter(rows["out tok/s"], rows[quality], label=method)
-            for _, r in rows.iterrows():
-                ax.annotate(f"{r['sparsity']:.0%}" if method != "dense" else "dense", (r["out tok/s"], r[quality]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = _pareto(table.dropna(subset=["out tok/s", quality]), "out tok/s", quality)
-        ax.plot(front["out tok/s"], front[quality], color="black", linewidth=1, label="Pareto front")
-        ax.set(title="quality vs throughput", xlabel="output tokens/s (higher is better)",
-               ylabel=f"{quality} (lower is better)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].bar(table["model"], table["weight MB"], color="tab:blue")
-    axes[0].set(title="weights (serving dtype)", ylabel="MB")
-    axes[1].bar(table["model"], table["KV tokens"], color="tab:orange")
-    axes[1].set(title="KV-cache capacity at a fixed budget", ylabel="tokens")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=60, labelsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    plt.close(fig)
-    return list(PLOTS)
+    for sparsity, group in pruned.groupby("sparsity", sort=True):
+        for (_, a), (_, b) in combinations(group.iterrows(), 2):
+            row = {"sparsity": sparsity, "a": a["model"], "b": b["model"], "method a": a["method"],
+                   "method b": b["method"]}
+            for metric in _quality_metrics(table):
+                d = difference(items[a["model"]], items[b["model"]], metric, _tasks(table))
+                if d is not None:
+                    row.update({f"d {metric}": d.estimate, f"d {metric} low": d.low, f"d {metric} high": d.high})
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def _pareto(table: pd.DataFrame, faster: str, worse: str) -> pd.DataFrame:
-    """Models not beaten on both throughput (higher) and perplexity (lower)."""
-    ordered = table.sort_values(faster, ascending=False)
-    front, best = [], float("inf")
-    for _, row in ordered.iterrows():
-        if row[worse] < best:
-            front.append(row)
-            best = row[worse]
-    return pd.DataFrame(front).sort_values(faster)
+def _interval_text(d: stats.Interval | None, fmt: str, scale: float = 1.0) -> str:
+    if d is None:
+        return "n/a: a record without per-item data"
+    return f"{d.estimate * scale:{fmt}} [{d.low * scale:{fmt}}, {d.high * scale:{fmt}}]"
+
+
+def findings(table: pd.DataFrame, items: dict[str, Items]) -> list[str]:
+    """Plain-word findings per sparsity: the best method on each metric and whether its lead over each other
+    method is resolved (the same paired differences as the paired table, taken best - other)."""
+    lines = []
+    pruned = table[table["method"] != "dense"]
+    for sparsity, group in pruned.groupby("sparsity", sort=True):
+        lines.append(f"**{sparsity:.0%} sparsity**")
+        if len(group) < 2:
+            lines.append(f"- only {group.iloc[0]['model']} at this sparsity: nothing to compare.")
+        for metric in _quality_metrics(table) if len(group) > 1 else []:
+            ppl = metric.startswith("ppl ")
+            ranked = group.dropna(subset=[metric]).sort_values(metric, ascending=ppl)
+            if len(ranked) < 2:
+                continue
+            best = ranked.iloc[0]
+            leads, resolved = [], 0
+            for _, other in ranked.iloc[1:].iterrows():
+                d = difference(items[best["model"]], items[other["model"]], metric, _tasks(table))
+                resolved += bool(d and d.resolved)
+                verdict = "resolved" if d and d.resolved else "not resolved"
+                text = _interval_text(d, "+.3f") if ppl else _interval_text(d, "+.1f", 100)
+                leads.append(f"over {other['method']}: {verdict} ({'Δ log-ppl' if ppl else 'Δ points'} {text})")
+            name = (f"{DATASET_NAMES.get(metric[4:], metric[4:])} perplexity" if ppl
+                    else "mean zero-shot accuracy")
+            value = f"{best[metric]:.2f}" if ppl else f"{best[metric]:.1%}"
+            lines.append(f"- {name}: {best['method']} is {'lowest' if ppl else 'highest'} ({value}); its lead "
+                         + "; ".join(leads) + ".")
+            if not ppl and not resolved:
+                lines.append("  Zero-shot does not rank these methods at this profile: no lead is resolved "
+                             "(more documents per task would be needed).")
+        speed = group.dropna(subset=["out tok/s"])
+        if len(speed) and "speedup" in speed:
+            fastest = speed.sort_values("out tok/s", ascending=False).iloc[0]
+            if pd.isna(fastest["speedup low"]):
+                spread = "one repeat, so its speed-up over dense is not resolved"
+            else:
+                verdict = "resolved" if fastest["speedup low"] > 1 or fastest["speedup high"] < 1 else "not resolved"
+                spread = (f"range {fastest['speedup low']:.2f}-{fastest['speedup high']:.2f}x over repeats; "
+                          f"its speed-up over dense is {verdict}")
+            lines.append(f"- vLLM throughput: {fastest['method']} is fastest ({fastest['speedup']:.2f}x dense; "
+                         f"{spread}).")
+        lines.append("")
+    return lines
+
+
+def _human_quality(table: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"Model": table["model"], "Params (M)": table["params"] / 1e6,
+                        "Sparsity, prunable (%)": table["sparsity_realised"] * 100,
+                        "Sparsity, whole model (%)": table["model_sparsity_realised"] * 100})
+    for column in table.columns:
+        if column.startswith("ppl ") and not column.endswith((" low", " high")):
+            name = DATASET_NAMES.get(column[4:], column[4:])
+            out[f"{name} ppl [95% CI]"] = [_ppl_text(r, column) for _, r in table.iterrows()]
+    for column in table.columns:
+        if column.startswith("acc ") and not column.endswith(" se"):
+            name = "Mean acc" if column == "acc mean" else TASK_NAMES.get(column[4:], column[4:]) + " acc"
+            out[f"{name} (% ± SE)"] = [_acc_text(r, column) for _, r in table.iterrows()]
+    out["Prune time (s)"] = table["prune_seconds"]
+    return out
+
+
+def _ppl_text(row: pd.Series, column: str) -> str | None:
+    if pd.isna(row.get(column)):
+        return None
+    if pd.isna(row.get(f"{column} low", math.nan)):
+        return f"{row[column]:.2f}"
+    return f"{row[column]:.2f} [{row[f'{column} low']:.2f}, {row[f'{column} high']:.2f}]"
+
+
+def _acc_text(row: pd.Series, column: str) -> str | None:
+    if pd.isna(row.get(column)):
+        return None
+    se = row.get(f"{column} se", math.nan)
+    return f"{row[column] * 100:.1f}" + ("" if pd.isna(se) else f" ± {se * 100:.1f}")
+
+
+def _human_serving(table: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"Model": table["model"], "Output tok/s (median)": table["out tok/s"]})
+    out["min-max over repeats"] = [None if pd.isna(r["out tok/s min"]) else
+                                   f"{r['out tok/s min']:.1f}-{r['out tok/s max']:.1f}" for _, r in table.iterrows()]
+    if "speedup" in table:
+        out["Speed-up (range)"] = [_speedup_text(r) for _, r in table.iterrows()]
+    out["TTFT (ms)"] = table["TTFT ms"]
+    out["Weights (MB)"] = table["weight MB"]
+    if "dense/weights" in table:
+        out["Dense / model weights"] = table["dense/weights"]
+    out["KV-cache tokens"] = table["KV tokens"]
+    if "KV ratio" in table:
+        out["KV capacity vs dense"] = table["KV ratio"]
+    out["Peak RSS (MB)"] = table["peak RSS MB"]
+    if table["serving error"].notna().any():
+        out["Error"] = table["serving error"]
+    return out
+
+
+def _speedup_text(row: pd.Series) -> str | None:
+    if pd.isna(row["speedup"]):
+        return None
+    if row["method"] == "dense":
+        return "1.00x (reference)"
+    if pd.isna(row["speedup low"]):
+        return f"{row['speedup']:.2f}x"
+    unresolved = row["speedup low"] <= 1 <= row["speedup high"]
+    return (f"{row['speedup']:.2f}x ({row['speedup low']:.2f}-{row['speedup high']:.2f})"
+            + (" not resolved" if unresolved else ""))
+
+
+def _human_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"Sparsity (%)": pairs["sparsity"] * 100,
+                        "A vs B": pairs["method a"] + " vs " + pairs["method b"]})
+    for column in pairs.columns:
+        if column.startswith("d ") and not column.endswith((" low", " high")):
+            metric = column[2:]
+            ppl = metric.startswith("ppl ")
+            name = (f"Δ log-ppl {DATASET_NAMES.get(metric[4:], metric[4:])}" if ppl else "Δ mean acc (points)")
+            out[f"{name} [95% CI]"] = [_bold(r, column, "+.3f" if ppl else "+.1f", 1 if ppl else 100)
+                                       for _, r in pairs.iterrows()]
+    return out
+
+
+def _bold(row: pd.Series, column: str, fmt: str, scale: float) -> str:
+    if pd.isna(row.get(column, math.nan)):
+        return "n/a"
+    d = stats.Interval(row[column], row[f"{column} low"], row[f"{column} high"])
+    return f"**{_interval_text(d, fmt, scale)}**" if d.resolved else _interval_text(d, fmt, scale)
+
+
+def _markdown(table: pd.DataFrame, decimals: dict[str, int] | None = None) -> str:
+    """Numbers with the given decimals (default: 4 significant digits); text cells exactly as formatted."""
+    def cell(v, places):
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{v:,.{places}f}" if places is not None else f"{v:.4g}"
+        return str(v)
+
+    cells = pd.DataFrame({c: [cell(v, (decimals or {}).get(c)) for v in table[c].astype(object)]
+                          for c in table.columns}, dtype=object)
+    return cells.to_markdown(index=False, missingval="n/a", disable_numparse=True)
 
 
 def write_report(results: str | Path, out: str | Path, header: str = "") -> Path:
@@ -161,32 +312,44 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
     records = ResultsStore(results).records()
     run = latest_run(records)
     plan = run["result"]
-    table = model_table(records, run)
+    table, items = model_table(records, run)
+    pairs = paired_table(table, items)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _plot(table, out)
+    plot_all(table, out)
     if Path(results).resolve() != (out / "results.jsonl").resolve():
         shutil.copyfile(results, out / "results.jsonl")
-
-    quality = ["model", "params", "sparsity_realised", "model_sparsity_realised"] + \
-        [c for c in table.columns if c.startswith(("ppl ", "acc "))] + ["prune_seconds"]
-    serving = ["model"] + [c for c in ("out tok/s", "speedup", "TTFT ms", "weight MB", "dense/weights", "KV tokens",
-                                       "KV ratio", "peak RSS MB", "serving error") if c in table.columns]
-    memory = _memory_summary(table)
     lines = [
         "# fasp-bench comparison", "",
         header.strip(), "",
         f"Profile **{plan['profile']}**, model `{plan['model']}`. Calibration: {plan['calibration']}.",
         f"Perplexity: {plan['ppl_note']}. Zero-shot: {plan['zeroshot_note']}. Serving: {plan['serve_note']}.",
         f"BOS: {plan['bos_note']}." if plan.get("bos_note") else "",
-        "Sparsity is the fraction of prunable (attention + MLP) parameters removed; `model_sparsity_realised` is "
-        "the fraction of all parameters.", "",
-        "## Quality and size", "", _markdown(table[[c for c in quality if c in table.columns]]), "",
-        "## Serving (vLLM)", "", _markdown(table[serving]), "",
-        "## What pruning buys in memory", "", memory, "",
+        "Sparsity is the fraction of prunable (attention + MLP) parameters removed; the whole-model fraction "
+        "counts embeddings too.", "",
+        "## Findings", "",
+        "Generated from the paired differences below: a lead is *resolved* when the 95% interval of the paired "
+        "difference (bootstrap over the same windows or documents) excludes zero; a speed-up when its range over "
+        "repeats excludes 1.0.", "",
+        *findings(table, items),
+        "## Quality and size", "",
+        "Perplexity with a 95% bootstrap interval over windows; accuracy with its standard error over documents.", "",
+        _markdown(_human_quality(table), {"Params (M)": 1, "Sparsity, prunable (%)": 1,
+                                           "Sparsity, whole model (%)": 1, "Prune time (s)": 1}), "",
+        "## Paired differences (A - B, same windows and documents)", "",
+        "Negative Δ log-ppl: A has the lower perplexity; positive Δ accuracy: A is more accurate. **Bold**: the "
+        "95% paired-bootstrap interval excludes zero.", "",
+        (_markdown(_human_pairs(pairs), {"Sparsity (%)": 0}) if not pairs.empty
+         else "Only one method per sparsity: nothing to pair."), "",
+        "## Serving (vLLM)", "",
+        "Median output throughput with its min-max over repeats; the speed-up's range divides the model's slowest "
+        "(fastest) repeat by dense's fastest (slowest); *not resolved*: that range includes 1.0.", "",
+        _markdown(_human_serving(table), {"Output tok/s (median)": 1, "TTFT (ms)": 1, "Weights (MB)": 1,
+                                           "Dense / model weights": 3, "KV-cache tokens": 0,
+                                           "KV capacity vs dense": 3, "Peak RSS (MB)": 0}), "",
+        "## What pruning buys in memory", "", _memory_summary(table), "",
         "## Plots", "",
-        "![perplexity vs sparsity](perplexity.png)", "![throughput vs sparsity](throughput.png)",
-        "![quality vs throughput](pareto.png)", "![memory per model](memory.png)", "",
+        *(f"![{name[:-4]}]({name})" for name in PLOTS), "",
         f"Raw records: [`results.jsonl`](results.jsonl) (`fasp-bench report --results {out}/results.jsonl "
         f"--out {out}` rebuilds this page).", "",
     ]

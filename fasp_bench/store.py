@@ -72,10 +72,13 @@ class ResultsStore:
         return record
 
     def measure(self, fingerprint: str, metric: str, protocol: dict, run: Callable[[], dict],
-                **fields) -> tuple[dict, bool]:
-        """(record, cached): the stored record, or run the measurement and store it with its wall time."""
+                complete: Callable[[dict], bool] = lambda result: True, **fields) -> tuple[dict, bool]:
+        """(record, cached): the stored record, or run the measurement and store it with its wall time.
+
+        A stored result that `complete` rejects (e.g. written before per-item data was kept) is measured
+        again; the new record supersedes it and the old line stays in the file."""
         found = self.get(fingerprint, metric, protocol)
-        if found is not None:
+        if found is not None and complete(found["result"]):
             return found, True
         started = time.perf_counter()
         result = run()

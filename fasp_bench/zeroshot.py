@@ -122,7 +122,7 @@ def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: in
     with task_manager(data_root, tasks_dirs, defaults) as manager:
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                                          num_fewshot=0, bootstrap_iters=0, log_samples=False,
+                                          num_fewshot=0, bootstrap_iters=0, log_samples=True,
                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
         except (OSError, ValueError, KeyError) as err:
@@ -130,5 +130,8 @@ def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: in
             raise BenchError(f"zero-shot task {task} could not run: {first}") from None
     scores = out["results"][task]
     samples = out.get("n-samples", {}).get(task, {})
+    # per-document correctness in document order: the report's standard errors and paired comparisons
+    logged = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
     return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"), "bos": lm.add_bos_token,
-            "docs": samples.get("effective"), "docs_total": samples.get("original")}
+            "docs": samples.get("effective"), "docs_total": samples.get("original"),
+            "doc_ids": [sample["doc_id"] for sample in logged], "doc_acc": [sample["acc"] for sample in logged]}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The comparison: `python scripts/compare.py --methods fasp flap [--sparsities 0.1 0.2 0.3] [--profile quick|paper]
+"""The comparison: `python scripts/compare.py --methods fasp flap [--sparsities 0.1 0.2 0.3] [--profile quick|standard]
 [--model smollm2-135m] [--out reports/]`. A thin entry over `fasp-bench run`."""
 
 import sys

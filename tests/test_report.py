@@ -1,6 +1,11 @@
-"""The comparison: report generation from a fixed results file, and compare.py end to end on a tiny model."""
+"""The comparison: the report (intervals, paired differences, Findings) from fixed results files, method specs
+in `run`, bad input refused in-process, and compare.py run exactly as the README shows."""
 
 import json
+import math
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -8,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from fasp_bench.report import PLOTS, model_table, write_report
+from fasp_bench.report import PLOTS, model_table, paired_table, write_report
 from fasp_bench.store import ResultsStore
 
-FIXED = Path(__file__).parent / "data" / "results_minimal.jsonl"  # from a real minimal run on a tiny model
+FIXED = Path(__file__).parent / "data" / "results_minimal.jsonl"  # a real minimal run, before per-item data was kept
+# a real run on SmolLM2 (16 x 512 calibration, 32 windows of 512, 20 docs per task) with per-item data
+ITEMS = Path(__file__).parent / "data" / "results_items.jsonl"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_report_from_a_fixed_results_file(tmp_path):
-    table = model_table(ResultsStore(FIXED).records())
+def test_report_from_old_records_without_per_item_data(tmp_path):
+    table, _ = model_table(ResultsStore(FIXED).records())
     assert list(table["model"]) == ["dense", "fasp-0.3", "flap-0.3"]
     dense, fasp = table.iloc[0], table.iloc[1]
     assert dense["ppl wikitext2"] == pytest.approx(296.1251, rel=1e-6)
@@ -24,76 +31,195 @@ def test_report_from_a_fixed_results_file(tmp_path):
     assert fasp["sparsity_realised"] == pytest.approx(0.3, abs=1e-3) and dense["sparsity_realised"] == 0
     assert fasp["speedup"] == pytest.approx(294.0385 / 260.5845, rel=1e-4)
     assert fasp["dense/weights"] > 1.3 and dense["speedup"] == 1
+    assert "ppl wikitext2 low" not in table  # no per-window data, no interval
 
     readme = write_report(FIXED, tmp_path / "reports", header="test header")
     text = readme.read_text()
-    for heading in ("## Quality and size", "## Serving (vLLM)", "## What pruning buys in memory", "test header"):
+    for heading in ("## Findings", "## Quality and size", "## Paired differences", "## Serving (vLLM)",
+                    "## What pruning buys in memory", "test header"):
         assert heading in text
-    assert "| fasp-0.3 |" in text and "| flap-0.3 |" in text and "Profile **minimal**" in text
+    assert re.search(r"^\| dense +\| 1\.6 ", text, re.M) and "| fasp-0.3 " in text and "Profile **minimal**" in text
+    assert "| 296.13 " in text  # perplexity without an interval
+    findings = text.split("## Findings")[1].split("## Quality")[0]
+    assert "not resolved (Δ log-ppl n/a: a record without per-item data)" in findings
+    assert ": resolved" not in findings and "its speed-up over dense is not resolved" in findings  # one repeat
     for plot in PLOTS:
         png = tmp_path / "reports" / plot
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert (tmp_path / "reports" / "results.jsonl").read_text() == FIXED.read_text()
 
 
-def compare(*args, data_root):
-    import os
+def test_report_with_per_item_data_has_intervals_pairs_and_findings(tmp_path):
+    records = ResultsStore(ITEMS).records()
+    table, items = model_table(records)
+    by_model = table.set_index("model")
+    # independent oracles: each interval holds its estimate; the paired log-ppl difference of the same windows is
+    # the log of the two perplexities' ratio; a 0/1 accuracy's standard error is sqrt(p (1 - p) / (n - 1))
+    for dataset in ("wikitext2", "c4-heldout"):
+        assert (table[f"ppl {dataset} low"] < table[f"ppl {dataset}"]).all()
+        assert (table[f"ppl {dataset}"] < table[f"ppl {dataset} high"]).all()
+    pairs = paired_table(table, items).set_index(["a", "b"])
+    fasp_flap = pairs.loc[("fasp-0.3", "flap-0.3")]
+    expected = math.log(by_model.loc["fasp-0.3", "ppl wikitext2"] / by_model.loc["flap-0.3", "ppl wikitext2"])
+    assert fasp_flap["d ppl wikitext2"] == pytest.approx(expected, abs=1e-9)
+    assert fasp_flap["d ppl wikitext2 low"] < expected < fasp_flap["d ppl wikitext2 high"] < 0
+    p, n = by_model.loc["dense", "acc piqa"], len(items["dense"].docs["piqa"][1])
+    assert by_model.loc["dense", "acc piqa se"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+    assert len(pairs) == 6  # three methods, two sparsities
 
-    env = {**os.environ, "FASP_BENCH_DATA": str(data_root)}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    text = write_report(ITEMS, tmp_path / "reports").read_text()
+    quality = text.split("## Quality and size")[1].split("## Paired")[0]
+    assert re.search(r"\| dense +\| 134\.5 +\| 0\.0 +\| 0\.0 +\| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]", quality)
+    assert re.search(r"\| \d+\.\d ± \d+\.\d ", quality)  # accuracy in % with its standard error
+    paired = text.split("## Paired differences")[1].split("## Serving")[0]
+    assert "| fasp vs flap " in paired and "**-0.3" in paired  # FASP at 30%: resolved, in bold
+    findings = text.split("## Findings")[1].split("## Quality")[0]
+    assert "WikiText-2 perplexity: fasp is lowest" in findings
+    assert "over flap: resolved (Δ log-ppl -0.3" in findings
+    assert "mean zero-shot accuracy" in findings and "over flap: not resolved" in findings
+    assert "Zero-shot does not rank these methods at this profile" in findings
+    for plot in PLOTS:
+        assert (tmp_path / "reports" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _synthetic_run(path: Path, window_nll: dict[str, list[float]]) -> None:
+    """A results file of one run: dense plus the given methods at 20%, perplexity records only."""
+    store = ResultsStore(path)
+    models = [{"label": "dense", "fingerprint": "dense", "sparsity_realised": 0.0, "model_sparsity_realised": 0.0}]
+    for label, nll in window_nll.items():
+        store.add(label, "perplexity", {"dataset": "wikitext2", "seqlen": 8, "dtype": "float32", "device": "cpu"},
+                  {"ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll})
+        if label != "dense":
+            models.append({"label": f"{label}-0.2", "method": label, "sparsity": 0.2, "fingerprint": label,
+                           "params": 90, "sparsity_realised": 0.2, "model_sparsity_realised": 0.1,
+                           "prune_seconds": 1.0})
+    store.add("-", "run", {}, {"profile": "minimal", "model": "m", "models": models, "calibration": "c",
+                               "ppl_note": "p", "zeroshot_note": "z", "serve_note": "not run",
+                               "ppl_match": {"seqlen": 8, "dtype": "float32", "device": "cpu"},
+                               "zeroshot_match": {}, "serve_match": {"prompts": -1}})
+
+
+def test_findings_say_resolved_only_where_the_paired_interval_excludes_zero(tmp_path):
+    base = [3.0 + 0.5 * math.sin(i) for i in range(40)]  # windows differ a lot; the pairs are what matters
+    _synthetic_run(tmp_path / "r.jsonl", {
+        "dense": [x - 0.5 for x in base],
+        "good": base,
+        "bad": [x + 0.2 + 0.01 * math.cos(7 * i) for i, x in enumerate(base)],  # 0.2 worse on every window
+        "twin": [x + 0.2 + 0.01 * math.cos(7 * i + 2) for i, x in enumerate(base)]})  # bad's equal
+    text = write_report(tmp_path / "r.jsonl", tmp_path / "out").read_text()
+    findings = text.split("## Findings")[1].split("## Quality")[0]
+    assert "WikiText-2 perplexity: good is lowest" in findings
+    assert "over bad: resolved (Δ log-ppl -0.200 [" in findings and "over twin: resolved" in findings
+    pairs = text.split("## Paired differences")[1].split("## Serving")[0]
+    bad_twin = next(line for line in pairs.splitlines() if "| bad vs twin " in line)
+    assert "**" not in bad_twin  # the bad-twin difference straddles zero: not resolved, not bold
+
+
+def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli, tiny_model_dirs, data_root,
+                                                                             tmp_path):
+    args = ["run", "--model", tiny_model_dirs["llama"], "--methods", "fasp:restore=false", "fasp",
+            "fasp:restore=true", "--sparsities", "0.3", "--profile", "minimal", "--out", tmp_path / "reports",
+            "--work-dir", tmp_path / "runs", "--no-serve", "--dtype", "float32", "--device", "cpu"]
+    code, _, err = cli(*args, data=data_root)
+    assert code == 0, err
+    folders = sorted(p.name for p in (tmp_path / "runs" / "checkpoints").iterdir())
+    name = tiny_model_dirs["llama"].name
+    assert folders == [f"{name}-fasp-0.3", f"{name}-fasp_restore=false-0.3"]  # restore=true is fasp itself
+    store = tmp_path / "runs" / "results.jsonl"
+    records = [json.loads(line) for line in store.read_text().splitlines()]
+    prunes = {r["model"]: r for r in records if r["metric"] == "prune"}
+    assert sorted(prunes) == ["fasp-0.3", "fasp:restore=false-0.3"]
+    assert prunes["fasp-0.3"]["protocol"]["options"] == {"restore": True, "damping": 0.1,
+                                                         "damping_toward": "original"}
+    assert prunes["fasp:restore=false-0.3"]["protocol"]["options"]["restore"] is False
+    fingerprints = {r["result"]["checkpoint_fingerprint"] for r in prunes.values()}
+    assert len(fingerprints) == 2  # different weights, so different evaluation records too
+    text = (tmp_path / "reports" / "README.md").read_text()
+    assert "| fasp:restore=false-0.3 " in text and "fasp:restore=false vs fasp" in text
+
+    code, _, err = cli(*args, data=data_root)
+    assert code == 0, err
+    again = [json.loads(line) for line in store.read_text().splitlines()]
+    assert again[: len(records)] == records and [r["metric"] for r in again[len(records):]] == ["run"]
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (("--methods", "magic"), "unknown method 'magic'"),
+        (("--methods", "fasp:nosuch=1"), "unknown option 'nosuch' of method fasp: its options are restore"),
+        (("--methods", "fasp:restore"), "malformed method spec 'fasp:restore'"),
+        (("--methods", "fasp:restore=maybe"), "option restore of method fasp is true or false"),
+        (("--methods", "wanda-sp:x=1"), "unknown option 'x' of method wanda-sp: it takes no options"),
         (("--sparsities", "1.5"), "sparsity 1.5 is out of range"),
         (("--profile", "huge"), "unknown profile 'huge'"),
         (("--out", "FILE/reports"), "is not writable"),
     ],
 )
-def test_bad_input_is_refused_before_any_work(tiny_model_dirs, data_root, tmp_path, extra, message):
+def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
     (tmp_path / "FILE").write_text("a file, not a folder")
-    args = ["--model", tiny_model_dirs["llama"], "--methods", "fasp", "--sparsities", "0.2", "--profile", "minimal",
-            "--out", tmp_path / "reports", "--work-dir", tmp_path / "runs", "--no-serve"]
+    args = ["run", "--model", tiny_model_dirs["llama"], "--methods", "fasp", "--sparsities", "0.2", "--profile",
+            "minimal", "--out", tmp_path / "reports", "--work-dir", tmp_path / "runs", "--no-serve"]
     for flag, value in zip(extra[::2], extra[1::2]):
         args[args.index(flag) + 1] = str(tmp_path / value) if flag == "--out" else value
-    done = compare(*args, data_root=data_root)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    code, out, err = cli(*args, data=data_root)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
 
 
-def test_compare_end_to_end_then_a_rerun_recomputes_nothing(servable_model_dirs, data_root, tmp_path):
+def readme_compare_command() -> str:
+    """The compare.py line of the README's third step (after the environment it runs in is activated)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Then", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert ". .tox/bench/bin/activate" in block and "export FASP_BENCH_DATA=" in block
+    return next(line.split("#")[0].strip() for line in block.splitlines() if "scripts/compare.py" in line)
+
+
+def test_compare_as_the_readme_shows_then_a_rerun_recomputes_nothing(servable_model_dirs, data_root, tmp_path):
+    """The README's command, run from the repository root by the environment's python; only a tiny model, the
+    minimal profile and temporary folders are added so it fits in a test."""
     pytest.importorskip("vllm", reason="vLLM is installed by tox (python -m fasp_bench.serving.install)")
-    args = ["--model", servable_model_dirs["llama"], "--methods", "fasp", "flap", "--sparsities", "0.3",
+    command = shlex.split(readme_compare_command())
+    assert command[:4] == ["python", "scripts/compare.py", "--methods", "fasp"]
+    args = [sys.executable, *command[1:], "--model", servable_model_dirs["llama"], "--sparsities", "0.3",
             "--profile", "minimal", "--out", tmp_path / "reports", "--work-dir", tmp_path / "runs",
             "--dtype", "float32", "--device", "cpu"]
-    first = compare(*args, data_root=data_root)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["FASP_BENCH_DATA"] = str(data_root)
+
+    def compare():
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd=REPO,
+                              timeout=1200)
+
+    first = compare()
     assert first.returncode == 0, first.stderr[-3000:]
     reports, store = tmp_path / "reports", tmp_path / "runs" / "results.jsonl"
     text = (reports / "README.md").read_text()
     for row in ("| dense ", "| fasp-0.3 ", "| flap-0.3 "):
         assert text.count(row) == 2  # quality table and serving table
-    assert "n/a" not in text.split("## What pruning buys")[0].split("## Serving")[1]  # every model served
+    serving = text.split("## Serving")[1].split("## What pruning buys")[0]
+    assert "n/a" not in serving  # every model served
     for plot in PLOTS:
         assert (reports / plot).stat().st_size > 5000
     records = [json.loads(line) for line in store.read_text().splitlines()]
     metrics = sorted(r["metric"] for r in records)
     assert metrics.count("prune") == 2 and metrics.count("serving") == 3 and metrics.count("run") == 1
     assert metrics.count("perplexity") == 6 and metrics.count("zeroshot") == 3
-    for r in records:  # --device and --dtype reached every stage
+    for r in records:  # --device and --dtype reached every stage; per-item data kept
         recorded = r["result"] if r["metric"] == "prune" else r["protocol"]
         if r["metric"] != "run":
             assert recorded["dtype"] == "float32", r
         if r["metric"] in ("prune", "perplexity", "zeroshot"):
             assert recorded["device"] == "cpu", r
+        item = {"perplexity": "window_nll", "zeroshot": "doc_acc", "serving": "output_tok_s_runs"}.get(r["metric"])
+        if item:
+            assert len(r["result"][item]) >= 1, r
     checkpoint = tmp_path / "runs" / "checkpoints" / f"{servable_model_dirs['llama'].name}-fasp-0.3"
     stamp = (checkpoint / "model.safetensors.index.json").stat().st_mtime_ns
     shutil.rmtree(reports)
 
-    second = compare(*args, data_root=data_root)
+    second = compare()
     assert second.returncode == 0, second.stderr[-3000:]
     again = [json.loads(line) for line in store.read_text().splitlines()]
     assert again[: len(records)] == records and [r["metric"] for r in again[len(records):]] == ["run"]

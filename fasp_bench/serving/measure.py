@@ -85,6 +85,7 @@ def run(spec: dict) -> dict:
         "output_tok_s": generated / statistics.median(runs),
         "output_tok_s_min": generated / max(runs),
         "output_tok_s_max": generated / min(runs),
+        "output_tok_s_runs": [generated / run for run in runs],
         "total_tok_s": (generated + prompt_tokens) / statistics.median(runs),
         "ttft_s": statistics.median(ttft),
         "kv_cache_tokens": int(cache.num_gpu_blocks * cache.block_size),

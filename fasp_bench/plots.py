@@ -1,0 +1,106 @@
+"""The report's matplotlib figures, from the model table of report.py: every plot has the dense reference and,
+where the records carry per-item data, error bars (perplexity: 95% bootstrap interval; accuracy: standard
+error; throughput: min-max over repeats)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PLOTS = ("perplexity.png", "zeroshot.png", "throughput.png", "pareto.png", "memory.png")
+
+
+def _errors(rows: pd.DataFrame, column: str, low: str, high: str) -> list | None:
+    """Asymmetric error bars from interval columns (None where no row has them)."""
+    if low not in rows or rows[low].isna().all():
+        return None
+    return [(rows[column] - rows[low]).fillna(0).tolist(), (rows[high] - rows[column]).fillna(0).tolist()]
+
+
+def _by_sparsity(ax, table: pd.DataFrame, column: str, low: str, high: str, scale: float = 1.0) -> None:
+    """One line per method over sparsity with error bars, and the dense model as a dashed reference line."""
+    pruned = table[table["method"] != "dense"]
+    for method in dict.fromkeys(pruned["method"]):
+        rows = pruned[pruned["method"] == method].sort_values("sparsity")
+        errors = _errors(rows, column, low, high)
+        ax.errorbar(rows["sparsity"] * 100, rows[column] * scale, capsize=3, marker="o", label=method,
+                    yerr=None if errors is None else [[e * scale for e in side] for side in errors])
+    dense = table.iloc[0]
+    if not pd.isna(dense.get(column)):
+        ax.axhline(dense[column] * scale, color="gray", linestyle="--", label="dense")
+        if not pd.isna(dense.get(low)):
+            ax.axhspan(dense[low] * scale, dense[high] * scale, color="gray", alpha=0.15)
+    ax.set_xlabel("sparsity of prunable parameters (%)")
+    ax.legend(fontsize=8)
+
+
+def plot_all(table: pd.DataFrame, out: Path) -> list[str]:
+    ppl_columns = [c for c in table.columns if c.startswith("ppl ") and not c.endswith((" low", " high"))]
+    panels = max(1, len(ppl_columns))
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    for ax, column in zip(axes[0], ppl_columns):
+        _by_sparsity(ax, table, column, f"{column} low", f"{column} high")
+        ax.set(title=f"perplexity: {column[4:]} (95% CI)", ylabel="perplexity (lower is better)")
+    _save(fig, out / "perplexity.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if "acc mean" in table and table["acc mean"].notna().any():
+        table = table.assign(**{"acc mean low": table["acc mean"] - table["acc mean se"].astype(float),
+                                "acc mean high": table["acc mean"] + table["acc mean se"].astype(float)})
+        _by_sparsity(ax, table, "acc mean", "acc mean low", "acc mean high", scale=100)
+    ax.set(title="mean zero-shot accuracy (± SE)", ylabel="accuracy (%)")
+    _save(fig, out / "zeroshot.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if table["out tok/s"].notna().any():
+        _by_sparsity(ax, table, "out tok/s", "out tok/s min", "out tok/s max")
+    ax.set(title="vLLM output throughput (median, min-max)", ylabel="output tokens/s (higher is better)")
+    _save(fig, out / "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    quality = ppl_columns[0] if ppl_columns else None
+    if quality and table["out tok/s"].notna().any():
+        for method in dict.fromkeys(table["method"]):
+            rows = table[table["method"] == method]
+            ax.scatter(rows["out tok/s"], rows[quality], label=method, marker="*" if method == "dense" else "o")
+            for _, r in rows.iterrows():
+                ax.annotate("dense" if method == "dense" else f"{r['sparsity']:.0%}", (r["out tok/s"], r[quality]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = _pareto(table.dropna(subset=["out tok/s", quality]), "out tok/s", quality)
+        ax.plot(front["out tok/s"], front[quality], color="black", linewidth=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set(title="quality vs throughput", xlabel="output tokens/s (higher is better)",
+           ylabel=f"{quality or 'perplexity'} (lower is better)")
+    _save(fig, out / "pareto.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(table["model"], table["weight MB"].fillna(0), color="tab:blue")
+    axes[0].set(title="weights (serving dtype)", ylabel="MB")
+    axes[1].bar(table["model"], table["KV tokens"].fillna(0), color="tab:orange")
+    axes[1].set(title="KV-cache capacity at a fixed budget", ylabel="tokens")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+    _save(fig, out / "memory.png")
+    return list(PLOTS)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pareto(table: pd.DataFrame, faster: str, worse: str) -> pd.DataFrame:
+    """Models not beaten on both throughput (higher) and perplexity (lower)."""
+    ordered = table.sort_values(faster, ascending=False)
+    front, best = [], float("inf")
+    for _, row in ordered.iterrows():
+        if row[worse] < best:
+            front.append(row)
+            best = row[worse]
+    return pd.DataFrame(front).sort_values(faster)
