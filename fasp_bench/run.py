@@ -47,8 +47,9 @@ PROFILES = {
     # The `tox -e bench` default, sized by resolution: on SmolLM2 at 20% and 30% (16 x 512 calibration), 24 windows
     # of 512 resolve every paired log-perplexity difference between FASP, FLAP and Wanda-SP on both sets (20 was
     # the least that did in a 32-window pilot; the closest pair, FASP vs Wanda-SP on c4-heldout at 20%, has a
-    # difference of 0.03). Measured from a fresh clone: 35 min on 2 CPU cores, over the 25-minute target (issue 14). Zero-shot on 20 documents per task
-    # resolves no method difference (intervals of about +-6 points): the report says so rather than ranking by it.
+    # difference of 0.03). Measured from a fresh clone: 35 min on 2 CPU cores, over the 25-minute target
+    # (issue 14). Zero-shot on 20 documents per task resolves no method difference (intervals of about +-6
+    # points): the report says so rather than ranking by it.
     "quick": Profile(nsamples=16, calibration_seqlen=512, ppl_seqlen=512, max_windows=24, limit=20, tasks=ALL_TASKS,
                      serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3)),
     # The paper protocol (Wanda, FLAP, FASP): 128 calibration windows of min(2048, model max), full perplexity
