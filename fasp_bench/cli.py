@@ -28,7 +28,7 @@ from .store import STORE_FILE, ResultsStore
 from .zeroshot import ALL_TASKS, resolve_tasks
 
 
-def _method_options(args) -> dict:
+def _method_options(args, method: str) -> dict:
     """Method-specific flags -> options of that method (a flag given to another method is refused)."""
     given = {"--no-restore": ("fasp", "restore", False) if args.no_restore else None,
              "--damping": ("fasp", "damping", args.damping) if args.damping is not None else None,
@@ -39,18 +39,17 @@ def _method_options(args) -> dict:
     for flag, spec in given.items():
         if spec is None:
             continue
-        method, key, value = spec
-        if args.method != method:
-            raise BenchError(f"{flag} applies to --method {method}, not {args.method}")
+        owner, key, value = spec
+        if method != owner:
+            raise BenchError(f"{flag} applies to --method {owner}, not {method}")
         options[key] = value
     return options
 
 
 def _prune_job(args) -> PruneJob:
     method, options = parse_method_spec(args.method)  # `--method fasp:restore=false` is `--method fasp --no-restore`
-    args.method = method
     return PruneJob(model=args.model, method=method, sparsity=args.sparsity,
-                    options={**options, **_method_options(args)},
+                    options={**options, **_method_options(args, method)},
                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                     device=args.device, dtype=args.dtype, offload_activations=args.offload_activations,
                     round_to=args.round_to, tp_multiple=args.tp_multiple, data_root=data_dir(args.data))

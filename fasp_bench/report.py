@@ -72,14 +72,14 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
                 item.windows[dataset] = r["result"]["window_nll"]
                 ci = stats.perplexity_interval(item.windows[dataset])
                 row[f"ppl {dataset} low"], row[f"ppl {dataset} high"] = ci.low, ci.high
-        stderrs = []
+        accs, stderrs = [], []
         for task, r in _select(records, fp, "zeroshot", plan["zeroshot_match"]).items():
             row[f"acc {task}"] = r["result"]["acc"]
+            accs.append(r["result"]["acc"])
             if r["result"].get("doc_acc"):
                 item.docs[task] = (r["result"]["doc_ids"], r["result"]["doc_acc"])
                 row[f"acc {task} se"] = stats.accuracy_stderr(r["result"]["doc_acc"])
                 stderrs.append(row[f"acc {task} se"])
-        accs = [v for k, v in row.items() if k.startswith("acc ") and not k.endswith(" se") and v is not None]
         row["acc mean"] = sum(accs) / len(accs) if accs else None
         row["acc mean se"] = stats.mean_accuracy_stderr(stderrs) if accs and len(stderrs) == len(accs) else None
         serving = _select(records, fp, "serving", plan["serve_match"]).get("serving")
