@@ -23,7 +23,7 @@ from .models import DEFAULT_MODEL
 from .prune_job import PruneJob, prune_summary
 from .report import write_report
 from .run import PROFILES, RunPlan, run
-from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
+from .serving.bench import ENGINES, ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
 from .store import STORE_FILE, ResultsStore
 from .zeroshot import ALL_TASKS, resolve_tasks
 
@@ -82,8 +82,9 @@ def cmd_serve(args) -> int:
     protocol = ServeProtocol(prompts=args.prompts, input_len=args.input_len, output_len=args.output_len,
                              repeats=args.repeats, dtype=args.dtype or default_dtype(),
                              kv_cache_gib=args.kv_cache_gib, seed=args.seed,
-                             tensor_parallel_size=args.tensor_parallel_size)
+                             tensor_parallel_size=args.tensor_parallel_size, engine=args.engine)
     protocol.check()
+    protocol = protocol.resolved()
     dense = args.dense or _source_model(args.checkpoints)
     specs = ([dense] if dense and dense not in args.checkpoints else []) + list(args.checkpoints)
     store = ResultsStore(Path(args.run_dir) / STORE_FILE)
@@ -91,7 +92,8 @@ def cmd_serve(args) -> int:
         rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar)
     print(serving_table(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
     print(f"{protocol.prompts} prompts x ({protocol.input_len} in, {protocol.output_len} out), {protocol.dtype}, "
-          f"median of {protocol.repeats}; KV budget {protocol.kv_cache_gib} GiB; results: {store.path}")
+          f"median of {protocol.repeats}; KV budget {protocol.kv_cache_gib} GiB; engine {protocol.engine}; "
+          f"results: {store.path}")
     return 0 if all("error" not in r for r in rows) else 1
 
 
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed KV-cache budget per rank (whole GiB, default 1): VLLM_CPU_KVCACHE_SPACE on a CPU, "
                         "vLLM's kv_cache_memory_bytes on a GPU")
     _add_tp_arg(p)
+    p.add_argument("--engine", choices=ENGINES,
+                   help="where vLLM's engine runs: separate processes (vLLM's layout; default on a GPU or with tensor "
+                        "parallelism) or in-process (default on a CPU: every core on the model, fast start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900, help="seconds before a model's process is killed")
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")

@@ -29,9 +29,9 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | N
     window_nll = []
     for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", disable=not progress):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        token_nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        window_nll.extend(token_nll.mean(dim=1).tolist())
+        logits = model(input_ids=batch, use_cache=False).logits
+        # one window at a time: each row's logits are contiguous, so no (batch, vocab, seq) copy is made
+        window_nll.extend(F.cross_entropy(row[:-1].float(), ids[1:]).item() for row, ids in zip(logits, batch))
     # every window predicts the same number of tokens, so the token mean is the mean of the window means
     nll = math.fsum(window_nll) / windows
     return {"ppl": math.exp(nll), "nll": nll, "windows": windows, "predicted_tokens": windows * (seqlen - 1),

@@ -3,7 +3,7 @@
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -111,6 +111,23 @@ def test_tensor_parallel_2_matches_transformers_greedy(servable_model_dirs, data
     assert "error" not in served, served["error"]
     assert served["architecture"].startswith("Pruned")
     assert served["tokens"] == transformers_greedy(tmp_path / "ck", protocol)
+
+
+def test_both_engines_serve_the_plugin_like_transformers(served_checkpoints):
+    """The CPU default runs vLLM's engine in this process; vLLM's own layout (engine core and worker in their
+    processes, one core kept back) must give the same greedy tokens."""
+    path = served_checkpoints / "llama-fasp"
+    for engine in ("in-process", "separate"):
+        result = measure_in_subprocess(str(path), replace(PROTOCOL, engine=engine), timeout_s=400, return_tokens=True)
+        assert "error" not in result, f"{engine}: {result['error']}"
+        assert result["tokens"] == transformers_greedy(path, PROTOCOL), engine
+
+
+def test_in_process_engine_with_tensor_parallelism_is_refused(served_checkpoints, cli, tmp_path):
+    code, out, err = cli("serve", served_checkpoints / "llama-fasp", "--engine", "in-process",
+                         "--tensor-parallel-size", "2", "--run-dir", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "--engine separate" in err
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 @pytest.mark.parametrize("family", sorted(family_configs()))

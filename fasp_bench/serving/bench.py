@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +46,7 @@ class ServeProtocol:
     kv_cache_gib: int = 1  # per rank: VLLM_CPU_KVCACHE_SPACE on a CPU, kv_cache_memory_bytes on a GPU
     seed: int = 0
     tensor_parallel_size: int = 1
+    engine: str | None = None  # where vLLM's engine runs: ENGINES; None: default_engine()
 
     def check(self) -> None:
         for name in ("prompts", "input_len", "output_len", "repeats", "kv_cache_gib", "tensor_parallel_size"):
@@ -53,6 +54,28 @@ class ServeProtocol:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.dtype not in _DTYPE_BYTES:
             raise BenchError(f"unknown dtype {self.dtype!r}: choose from {', '.join(_DTYPE_BYTES)}")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise BenchError(f"unknown --engine {self.engine!r}: choose from {', '.join(ENGINES)}")
+        if self.engine == "in-process" and self.tensor_parallel_size > 1:
+            raise BenchError("--engine in-process runs one rank: use --engine separate with --tensor-parallel-size")
+
+    def resolved(self) -> ServeProtocol:
+        """The protocol with its engine chosen, as the store keys it (the two engines measure differently)."""
+        return self if self.engine else replace(self, engine=default_engine(self.tensor_parallel_size))
+
+
+# "separate": vLLM's own layout, the engine core and each worker in their own processes, so scheduling overlaps
+# the model's work (what a GPU wants). On a CPU that layout keeps one core back for the frontend processes (on
+# two cores the model gets one) and spawns two more interpreters per model (about 25 s each start). "in-process":
+# engine and worker in the measuring process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor), every core
+# on the model; one rank only.
+ENGINES = ("separate", "in-process")
+
+
+def default_engine(tensor_parallel_size: int) -> str:
+    from .install import has_nvidia_gpu
+
+    return "in-process" if tensor_parallel_size == 1 and not has_nvidia_gpu() else "separate"
 
 
 def weight_bytes(path: Path, dtype: str) -> int:
@@ -100,11 +123,14 @@ def cpu_tensor_parallel_env(tp: int) -> dict[str, str]:
 def measure_in_subprocess(path: str, protocol: ServeProtocol, timeout_s: float = 900,
                           return_tokens: bool = False) -> dict:
     """The measurement of one model in a fresh process: a result dict, or {"error": one line}."""
+    protocol = protocol.resolved()
     spec = {**asdict(protocol), "model": path, "return_tokens": return_tokens}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(protocol.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",
            **cpu_tensor_parallel_env(protocol.tensor_parallel_size)}
+    if protocol.engine == "in-process":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     proc = subprocess.Popen([sys.executable, "-m", "fasp_bench.serving.measure", handle.name], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -163,6 +189,7 @@ def serve_models(specs: list[str], store: ResultsStore, protocol: ServeProtocol,
                  timeout_s: float = 900, progress=None) -> list[dict]:
     """Measure every model not already in the store (a stored failure is retried); one row each."""
     protocol.check()
+    protocol = protocol.resolved()
     rows = []
     for i, spec in enumerate(specs):
         name = names[i] if names else spec

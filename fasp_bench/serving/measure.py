@@ -18,7 +18,7 @@ RESULT_TAG = "FASP_BENCH_RESULT "
 
 
 def _peak_rss_bytes() -> int:
-    """Largest VmHWM over this process and its descendants (vLLM's worker holds the model)."""
+    """Largest VmHWM over this process and its descendants (with a separate engine, its worker holds the model)."""
     import psutil
 
     me = psutil.Process()
@@ -55,10 +55,11 @@ def run(spec: dict) -> dict:
     # The KV budget: the CPU backend reads VLLM_CPU_KVCACHE_SPACE (set by main); a GPU takes it as an engine
     # argument, in place of the gpu_memory_utilization fraction.
     budget = {"kv_cache_memory_bytes": spec["kv_cache_gib"] << 30} if current_platform.is_cuda_alike() else {}
+    executor = {"distributed_executor_backend": "uni"} if spec["engine"] == "in-process" else {}
     started = time.perf_counter()
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, seed=spec["seed"],
               max_model_len=spec["input_len"] + spec["output_len"] + 8, max_num_seqs=max(spec["prompts"], 1),
-              tensor_parallel_size=spec.get("tensor_parallel_size", 1), disable_log_stats=True, **budget)
+              tensor_parallel_size=spec.get("tensor_parallel_size", 1), disable_log_stats=True, **budget, **executor)
     load_s = time.perf_counter() - started
     from fasp_bench.data import bos_id
 
