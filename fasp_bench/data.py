@@ -23,7 +23,7 @@ CALIBRATION_DOCS = range(0, 500)
 HELDOUT_DOCS = range(500, 1000)
 C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
 C4_EVAL_WINDOWS = 256  # SparseGPT's C4 protocol scores the first 256 * seqlen tokens
-PERPLEXITY_SETS = ("wikitext2", "c4")
+PERPLEXITY_SETS = ("wikitext2", "c4", "c4-calval")  # c4-calval: calibration-side validation, not a test set
 
 
 def data_dir(flag: str | None = None) -> Path | None:
@@ -81,6 +81,16 @@ def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int = 0, root: 
     """
     if nsamples < 1 or seqlen < 2:
         raise BenchError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    stream, starts, text_len = _calibration_draw(tokenizer, nsamples, seqlen, seed, root)
+    windows = torch.stack([stream[s:s + text_len] for s in starts.tolist()])
+    bos = bos_id(tokenizer)
+    return windows if bos is None else torch.cat([torch.full((nsamples, 1), bos), windows], dim=1)
+
+
+def _calibration_draw(tokenizer, nsamples: int, seqlen: int, seed: int, root: Path | None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The calibration token stream, the window starts of a draw of `nsamples`, and the text tokens per window.
+    A draw of n windows is the first n of any larger draw with the same seed."""
     generator = torch.Generator().manual_seed(seed)
     texts = c4_documents(root, CALIBRATION_DOCS)
     order = torch.randperm(len(texts), generator=generator).tolist()
@@ -89,11 +99,35 @@ def calibration_ids(tokenizer, nsamples: int, seqlen: int, seed: int = 0, root: 
     stream = torch.tensor([t for doc in encoded for t in (*doc, eos)], dtype=torch.long)
     if len(stream) <= seqlen:
         raise BenchError(f"calibration text has {len(stream)} tokens, fewer than --seqlen {seqlen}: lower --seqlen")
-    bos = bos_id(tokenizer)
-    text_len = seqlen - (bos is not None)  # a BOS model gets <bos> first in every window
-    starts = torch.randint(0, len(stream) - text_len + 1, (nsamples,), generator=generator)
-    windows = torch.stack([stream[s:s + text_len] for s in starts.tolist()])
-    return windows if bos is None else torch.cat([torch.full((nsamples, 1), bos), windows], dim=1)
+    text_len = seqlen - (bos_id(tokenizer) is not None)  # a BOS model gets <bos> first in every window
+    return stream, torch.randint(0, len(stream) - text_len + 1, (nsamples,), generator=generator), text_len
+
+
+# The calibration-side validation set avoids every calibration draw of up to this many windows.
+VALIDATION_AVOIDS = 128
+
+
+def calibration_validation_ids(tokenizer, seqlen: int, seed: int = 0, root: Path | None = None) -> torch.Tensor:
+    """Text tokens of the calibration documents (C4 docs 0-499) that no calibration draw of up to 128 windows
+    of `seqlen` with `seed` touches, as consecutive windows of `seqlen` (less one for a BOS model) laid end to
+    end: perplexity on them ("c4-calval") chooses settings without looking at any test set."""
+    stream, starts, text_len = _calibration_draw(tokenizer, VALIDATION_AVOIDS, seqlen, seed, root)
+    covered = torch.zeros(len(stream) + 1, dtype=torch.int32)
+    for start in starts.tolist():
+        covered[start] += 1
+        covered[start + text_len] -= 1
+    free = covered.cumsum(0)[:-1] == 0
+    windows, pos = [], 0
+    while pos + text_len <= len(stream):
+        blocked = (~free[pos:pos + text_len]).nonzero()
+        if len(blocked):
+            pos += int(blocked[-1]) + 1
+        else:
+            windows.append(stream[pos:pos + text_len])
+            pos += text_len
+    if not windows:
+        raise BenchError(f"no calibration-side validation window of {seqlen} tokens is left: lower --seqlen")
+    return torch.cat(windows)
 
 
 def calibration_record(tokenizer, nsamples: int, seqlen: int, seed: int, root: Path | None) -> dict:
@@ -133,12 +167,20 @@ def c4_eval_text(root: Path | None) -> str:
 
 
 def perplexity_dataset(name: str, root: Path | None) -> str:
-    """What a perplexity set resolves to: wikitext2, c4-heldout (offline) or c4-validation (hub)."""
+    """What a perplexity set resolves to: wikitext2, c4-heldout (offline) or c4-validation (hub), c4-calval."""
     if name not in PERPLEXITY_SETS:
         raise BenchError(f"unknown perplexity set {name!r}: choose from {', '.join(PERPLEXITY_SETS)}")
-    return {"wikitext2": "wikitext2", "c4": "c4-validation" if root is None else "c4-heldout"}[name]
+    return {"wikitext2": "wikitext2", "c4": "c4-validation" if root is None else "c4-heldout",
+            "c4-calval": "c4-calval"}[name]
 
 
 def perplexity_text(name: str, root: Path | None) -> str:
     perplexity_dataset(name, root)
     return wikitext2_test_text(root) if name == "wikitext2" else c4_eval_text(root)
+
+
+def perplexity_ids(name: str, tokenizer, seqlen: int, root: Path | None, seed: int = 0) -> torch.Tensor:
+    """The token ids a perplexity set is scored on, [1, n]: a test text tokenized once, or c4-calval's windows."""
+    if perplexity_dataset(name, root) == "c4-calval":
+        return calibration_validation_ids(tokenizer, seqlen, seed, root)[None]
+    return tokenizer(perplexity_text(name, root), add_special_tokens=False, return_tensors="pt").input_ids

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, bos_id, data_file, perplexity_dataset, perplexity_text
+from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, bos_id, data_file, perplexity_dataset, perplexity_ids
 from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import BenchError
 from .models import fingerprint, load_config, load_model
@@ -72,11 +72,11 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
         limits = [w for w in (cap, protocol.max_windows) if w is not None]
         windows = min(limits) if limits else None
         key = {"dataset": dataset, "seqlen": seqlen, "max_windows": windows, "dtype": dtype,
-               "device": device.type}
+               "device": device.type, **({"seed": protocol.seed} if dataset == "c4-calval" else {})}
 
         def run_ppl(name=name, dataset=dataset, windows=windows):
             model, tokenizer = model_and_tokenizer()
-            ids = tokenizer(perplexity_text(name, data_root), add_special_tokens=False, return_tensors="pt").input_ids
+            ids = perplexity_ids(name, tokenizer, seqlen, data_root, protocol.seed)
             return perplexity(model, ids, seqlen, windows, protocol.batch_size, desc=f"{print_name} {dataset}",
                               bos=bos_id(tokenizer))
 

@@ -21,7 +21,8 @@ from .errors import BenchError
 from .plots import PLOTS, plot_all
 from .store import ResultsStore
 
-DATASET_NAMES = {"wikitext2": "WikiText-2", "c4-heldout": "c4-heldout", "c4": "C4"}
+DATASET_NAMES = {"wikitext2": "WikiText-2", "c4-heldout": "c4-heldout", "c4": "C4",
+                 "c4-calval": "c4-calval (calibration-side validation)"}
 TASK_NAMES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 __all__ = ["PLOTS", "Items", "difference", "findings", "latest_run", "model_table", "paired_table", "write_report"]

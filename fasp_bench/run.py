@@ -20,7 +20,7 @@ from pruning.budget import Alignment, check_sparsity
 from pruning.checkpoint import read_metadata
 from pruning.methods import method_spec, parse_method_spec
 
-from .data import C4_SHARD, CALIBRATION_DOCS, bos_id, data_file
+from .data import C4_SHARD, CALIBRATION_DOCS, VALIDATION_AVOIDS, bos_id, data_file
 from .devices import resolve_device, resolve_dtype
 from .errors import BenchError
 from .evaluation import EvalProtocol, default_seqlen, evaluate
@@ -41,6 +41,7 @@ class Profile:
     limit: int | None
     tasks: tuple[str, ...]
     serve: ServeProtocol = field(default_factory=ServeProtocol)
+    ppl: tuple[str, ...] = ("wikitext2", "c4")
 
 
 PROFILES = {
@@ -56,6 +57,12 @@ PROFILES = {
     # test sets, full task sets. The one to use on a GPU.
     "standard": Profile(nsamples=128, calibration_seqlen=None, ppl_seqlen=None, max_windows=None, limit=None,
                      tasks=ALL_TASKS, serve=ServeProtocol(prompts=16, input_len=128, output_len=64, repeats=3)),
+    # Method development (FASP-plus, issue 15): 64 x 512 calibration, 128 windows of each perplexity set plus the
+    # calibration-side validation set c4-calval (settings are chosen on it, never on the test sets), 100
+    # documents per task; run it with --no-serve.
+    "ablation": Profile(nsamples=64, calibration_seqlen=512, ppl_seqlen=512, max_windows=128, limit=100,
+                        tasks=ALL_TASKS, ppl=("c4-calval", "wikitext2", "c4"),
+                        serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3)),
     # For tests on tiny random-init models.
     "minimal": Profile(nsamples=4, calibration_seqlen=32, ppl_seqlen=32, max_windows=2, limit=2, tasks=("arc_easy",),
                        serve=ServeProtocol(prompts=2, input_len=8, output_len=4, repeats=2)),
@@ -137,8 +144,9 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                                       "seed": plan.seed, "tensor_parallel_size": plan.tensor_parallel_size}).resolved()
     device = resolve_device(plan.device)
     dtype = resolve_dtype(plan.dtype, device)
-    eval_protocol = EvalProtocol(tasks=settings.tasks, seqlen=settings.ppl_seqlen, max_windows=settings.max_windows,
-                                 limit=settings.limit, seed=plan.seed, dtype=dtype, device=str(device))
+    eval_protocol = EvalProtocol(ppl=settings.ppl, tasks=settings.tasks, seqlen=settings.ppl_seqlen,
+                                 max_windows=settings.max_windows, limit=settings.limit, seed=plan.seed, dtype=dtype,
+                                 device=str(device))
     jobs = [(m, s) for s in plan.sparsities for m in plan.methods]
     stages = len(jobs) + (len(jobs) + 1) * (2 if plan.serve else 1) + 1
     bar = tqdm(total=stages, desc="fasp-bench run", unit="stage")
@@ -175,7 +183,9 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         "calibration": (f"{settings.nsamples} x {calibration_seqlen} tokens of C4 train docs "
                         f"{CALIBRATION_DOCS.start}-{CALIBRATION_DOCS.stop - 1}, seed {plan.seed}"),
         "ppl_note": f"{windows} of {seqlen} tokens, WikiText-2 test and "
-                    + ("c4-heldout (C4 train docs 500-999)" if plan.data_root else "C4 validation"),
+                    + ("c4-heldout (C4 train docs 500-999)" if plan.data_root else "C4 validation")
+                    + ("; c4-calval: calibration documents outside every calibration draw of up to "
+                       f"{VALIDATION_AVOIDS} windows, for choosing settings" if "c4-calval" in settings.ppl else ""),
         "zeroshot_note": (f"lm-eval, 0-shot, first {settings.limit} docs per task (acc)" if settings.limit
                           else "lm-eval, 0-shot, full sets (acc)"),
         "serve_note": (f"vLLM, {serve_protocol.prompts} prompts x ({serve_protocol.input_len} in, "

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .arch import ArchAdapter, Coupling, get_adapter
 from .budget import Alignment, check_sparsity, global_removals, nearest, prunable_params, total_params, uniform_removals
-from .calibrate import capture_block_inputs, collect_input_stats, run_block
+from .calibrate import InputStats, capture_block_inputs, collect_input_stats, run_block
 from .errors import PruningError
 from .methods import PruningMethod, get_method, keep_top_units
 from .surgery import cut, kept_columns
@@ -26,15 +26,17 @@ class PruneResult:
     kept_units: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-def _cut_layer(pruner: PruningMethod, adapter: ArchAdapter, layer: torch.nn.Module, couplings: list[Coupling],
-               scores: dict, removals: dict[str, int], stats: dict) -> dict[str, torch.Tensor]:
+def _cut_layer(pruner: PruningMethod, adapter: ArchAdapter, index: int, layer: torch.nn.Module,
+               couplings: list[Coupling], scores: dict, removals: dict[str, int], stats: dict,
+               ) -> dict[str, torch.Tensor]:
     """Choose, restore and cut every coupling of one layer that loses units; return the kept units."""
     kept = {}
     for c in couplings:
         if not removals.get(c.name):
             continue
         keep = keep_top_units(scores[c.name], removals[c.name], c.groups)
-        weight, bias = pruner.restore(layer.get_submodule(c.consumer), stats[c.consumer], kept_columns(c, keep))
+        weight, bias = pruner.restore(layer.get_submodule(c.consumer), stats[c.consumer], kept_columns(c, keep),
+                                      where=f"layers.{index}.{c.consumer}")
         cut(layer, c, keep, weight, bias)
         kept[c.name] = keep
     adapter.conform(layer)
@@ -116,39 +118,37 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
                 blocks.release(i, layer, final=True)
         else:
             storage = torch.device("cpu") if offload_activations else device
-            inputs = capture_block_inputs(model, layers[0], calibration.split(batch_size), device, storage)
-            # "dense" propagation: the next block sees this block's dense output, and every block is
-            # scored before any is cut (a global plan needs all scores)
-            dense = pruner.propagation == "dense"
-            scored: list[tuple[list[Coupling], dict, dict]] = []
-            for i, layer in enumerate(tqdm(layers, desc=f"{method} {sparsity:.0%}", unit="block",
-                                           disable=not progress)):
-                blocks.load(i, layer)
-                couplings = [c for c in adapter.couplings(layer, pruner.attention_unit)
-                             if plan is None or plan[i].get(c.name)]
-                stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram,
-                                            advance=dense)
-                scores = {c.name: pruner.unit_scores(c, pruner.column_scores(
-                    c, layer.get_submodule(c.consumer).weight, stats[c.consumer])) for c in couplings}
-                if dense:
-                    scored.append((couplings, scores, stats))
-                else:
-                    kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
-                    run_block(layer, inputs)
-                blocks.release(i, layer, final=not dense)
-            del inputs
-            if scored:
-                if plan is None:
-                    costs = [{c.name: c.unit_cost(layer) for c in couplings}
-                             for layer, (couplings, _, _) in zip(layers, scored)]
-                    plan = global_removals([s for _, s, _ in scored], costs, sparsity, prunable_before)
-                    # each count to its nearest aligned one: within one aligned unit per layer
-                    plan = [{c.name: nearest(alignment.removals(c, adapter.head_dim, adapter.groups), plan[i][c.name])
-                             for c in couplings} for i, (couplings, _, _) in enumerate(scored)]
-                for i, (layer, (couplings, scores, stats)) in enumerate(zip(layers, scored)):
+            batches = calibration.split(batch_size)
+            desc = f"{method} {sparsity:.0%}"
+            scored: list[ScoredLayer] = []
+            # a global plan needs every block's scores before any block is cut; "dense" propagation cuts with them
+            if plan is None or pruner.propagation == "dense":
+                inputs = capture_block_inputs(model, layers[0], batches, device, storage)
+                scored = _score_on_dense_activations(pruner, adapter, layers, blocks, inputs, progress,
+                                                     desc if pruner.propagation == "dense" else f"{desc} plan")
+                del inputs
+            if plan is None:
+                plan = _global_plan(scored, adapter, alignment, sparsity, prunable_before)
+            if pruner.propagation == "dense":
+                for i, (layer, entry) in enumerate(zip(layers, scored)):
                     blocks.load(i, layer)
-                    kept_units[i] = _cut_layer(pruner, adapter, layer, couplings, scores, plan[i], stats)
+                    kept_units[i] = _cut_layer(pruner, adapter, i, layer, entry.couplings, entry.scores, plan[i],
+                                               entry.stats)
                     blocks.release(i, layer, final=True)
+            else:  # sequential: block k+1 is calibrated on the pruned block k's outputs
+                inputs = capture_block_inputs(model, layers[0], batches, device, storage)
+                dense_inputs = inputs.copy() if pruner.needs_dense_inputs else None
+                for i, layer in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
+                    blocks.load(i, layer)
+                    couplings = [c for c in adapter.couplings(layer, pruner.attention_unit) if plan[i].get(c.name)]
+                    stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], pruner.needs_gram,
+                                                dense_inputs=dense_inputs, folds=pruner.folds)
+                    scores = {c.name: pruner.unit_scores(c, pruner.column_scores(
+                        c, layer.get_submodule(c.consumer).weight, stats[c.consumer])) for c in couplings}
+                    kept_units[i] = _cut_layer(pruner, adapter, i, layer, couplings, scores, plan[i], stats)
+                    run_block(layer, inputs)
+                    blocks.release(i, layer, final=True)
+                del inputs, dense_inputs
 
     stock_kv_heads = adapter.stock_shape(model.config).kv_heads
     model = adapter.finalize(model)
@@ -176,10 +176,63 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
             "kv_heads": [s.kv_heads for s in shapes],
             "v_head_dims": [s.v_head_dim for s in shapes],
         },
+        **({"method_decisions": pruner.decisions()} if pruner.decisions() else {}),
         "fasp_bench_version": __version__,
         "notes": _notes(pruner, method, stock_kv_heads, shapes),
     }
     return PruneResult(model, metadata, kept_units)
+
+
+@dataclass
+class ScoredLayer:
+    """One layer scored on the dense model's activations (per coupling name)."""
+
+    couplings: list[Coupling]
+    scores: dict[str, torch.Tensor]  # unit scores: which units a cut keeps
+    allocation: dict[str, torch.Tensor]  # comparable across layers: how many a global plan removes
+    costs: dict[str, int]  # parameters removed with one unit
+    stats: dict[str, InputStats]  # per consumer
+
+
+def _score_on_dense_activations(pruner: PruningMethod, adapter: ArchAdapter, layers, blocks, inputs, progress: bool,
+                                desc: str) -> list[ScoredLayer]:
+    """Every block scored on the dense model's activations. The statistics keep the Gram only where the
+    cut will use them."""
+    with_gram = pruner.needs_gram and pruner.propagation == "dense"
+    scored = []
+    for i, layer in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
+        blocks.load(i, layer)
+        couplings = adapter.couplings(layer, pruner.attention_unit)
+        residual_energy = sum(h.double().square().sum().item() for h in inputs.hidden)
+        stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], with_gram, advance=True)
+        scores, allocation = {}, {}
+        for c in couplings:
+            consumer = layer.get_submodule(c.consumer)
+            scores[c.name] = pruner.unit_scores(c, pruner.column_scores(c, consumer.weight, stats[c.consumer]))
+            allocation[c.name] = pruner.allocation_scores(c, scores[c.name], consumer, stats[c.consumer],
+                                                          c.unit_cost(layer), residual_energy)
+        scored.append(ScoredLayer(couplings, scores, allocation, {c.name: c.unit_cost(layer) for c in couplings},
+                                  stats))
+        blocks.release(i, layer, final=False)
+    return scored
+
+
+def _global_plan(scored: list[ScoredLayer], adapter: ArchAdapter, alignment: Alignment, sparsity: float,
+                 prunable: int) -> list[dict[str, int]]:
+    """One threshold on the allocation scores of every layer, each count then snapped to its nearest aligned
+    one (within one aligned unit per layer; equal counts per KV head). V keeps at least one dimension per head:
+    a layer's attention goes only with whole heads."""
+    plan = global_removals([e.allocation for e in scored], [e.costs for e in scored], sparsity, prunable)
+    snapped = []
+    for i, e in enumerate(scored):
+        layer_plan = {}
+        for c in e.couplings:
+            allowed = alignment.removals(c, adapter.head_dim, adapter.groups)
+            if c.unit == "v_dim":
+                allowed = [n for n in allowed if n < c.num_units]
+            layer_plan[c.name] = nearest(allowed, plan[i][c.name])
+        snapped.append(layer_plan)
+    return snapped
 
 
 def _notes(pruner: PruningMethod, method: str, stock_kv_heads: int, shapes: list) -> list[str]:

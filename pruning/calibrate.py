@@ -30,6 +30,10 @@ class BlockInputs:
     device: torch.device = torch.device("cpu")  # where blocks run
     storage: torch.device = torch.device("cpu")  # where hidden states wait between blocks
 
+    def copy(self) -> BlockInputs:
+        """A second stream of the same hidden states (blocks replace them, never modify them in place)."""
+        return BlockInputs(list(self.hidden), self.kwargs, self.device, self.storage)
+
     def batches(self) -> Iterable[tuple[torch.Tensor, dict]]:
         for hidden, kwargs in zip(self.hidden, self.kwargs):
             yield hidden.to(self.device), kwargs
@@ -73,33 +77,112 @@ def _to(value, device):
 def run_block(block: nn.Module, inputs: BlockInputs) -> None:
     """Replace the inputs by the block's outputs, batch by batch."""
     for i, (hidden, kwargs) in enumerate(inputs.batches()):
-        out = block(hidden, **kwargs)
-        inputs.hidden[i] = (out[0] if isinstance(out, tuple) else out).to(inputs.storage)
+        inputs.hidden[i] = _first(block(hidden, **kwargs)).to(inputs.storage)
 
 
 @dataclass
-class InputStats:
-    """Running statistics of one linear's input channels over all calibration tokens (float64)."""
+class _Moments:
+    """Sums over one set of tokens: count, first and second moments, and optionally X^T X and X^T X_dense."""
 
-    with_gram: bool
     count: int = 0
     sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
     gram: torch.Tensor | None = field(default=None, repr=False)
+    cross: torch.Tensor | None = field(default=None, repr=False)
+    dense_sum: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+    def update(self, x: torch.Tensor, with_gram: bool, dense: torch.Tensor | None) -> None:
+        if x.shape[0] == 0:
+            return
         if self.sum is None:
             n = x.shape[1]
             self.sum = x.new_zeros(n, dtype=torch.float64)
             self.sq_sum = x.new_zeros(n, dtype=torch.float64)
-            if self.with_gram:
+            if with_gram:
                 self.gram = x.new_zeros(n, n, dtype=torch.float64)
+            if dense is not None:
+                self.cross = x.new_zeros(n, n, dtype=torch.float64)
+                self.dense_sum = x.new_zeros(n, dtype=torch.float64)
         self.count += x.shape[0]
         self.sum += x.sum(0).double()
         self.sq_sum += x.square().sum(0).double()
-        if self.with_gram:
-            self.gram += (x.T @ x).double()  # fp32 products per batch, fp64 running sum
+        if with_gram:
+            self.gram += (x.T @ x).double()  # fp32 products per batch (fp64 inputs: fp64), fp64 running sum
+        if dense is not None:
+            self.cross += (x.T @ dense).double()
+            self.dense_sum += dense.sum(0).double()
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _total(parts: list[_Moments], name: str):
+    values = [getattr(part, name) for part in parts if getattr(part, name) is not None]
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else sum(values[1:], values[0].clone())
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one linear's input channels over all calibration tokens (float64).
+
+    with_gram: keep G = X^T X. Given the same tokens' input in the dense model (`update(x, dense)`), also
+    X^T X_dense and the dense sums (restoration onto the dense model's outputs). folds > 1: keep the sums of
+    each fold of calibration windows apart (window w in fold w % folds), for choices validated on held-out
+    calibration windows; the totals are summed on demand, so folds cost no extra memory once pruning is done.
+    """
+
+    with_gram: bool
+    folds: int = 1
+    parts: list[_Moments] = field(default_factory=list, repr=False)
+    windows_seen: int = 0
+
+    def __post_init__(self):
+        self.parts = self.parts or [_Moments() for _ in range(self.folds)]
+
+    def update(self, x: torch.Tensor, dense: torch.Tensor | None = None, windows: int | None = None) -> None:
+        """x: [windows, tokens, channels], or any shape holding `windows` windows' tokens in order (a 2-D
+        x without `windows` is one window); dense: the same tokens' input in the dense model."""
+        if windows is None:
+            windows = x.shape[0] if x.dim() > 2 else 1
+        x = _at_least_fp32(x).reshape(windows, -1, x.shape[-1])
+        dense = None if dense is None else _at_least_fp32(dense).reshape(x.shape)
+        for fold, part in enumerate(self.parts):
+            rows = slice((fold - self.windows_seen) % self.folds, None, self.folds)
+            part.update(x[rows].reshape(-1, x.shape[-1]), self.with_gram,
+                        None if dense is None else dense[rows].reshape(-1, x.shape[-1]))
+        self.windows_seen += x.shape[0]
+
+    def fold(self, k: int) -> InputStats:
+        """The statistics of fold k alone."""
+        return InputStats(self.with_gram, 1, [self.parts[k]])
+
+    @property
+    def count(self) -> int:
+        return sum(part.count for part in self.parts)
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return _total(self.parts, "sum")
+
+    @property
+    def sq_sum(self) -> torch.Tensor:
+        return _total(self.parts, "sq_sum")
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return _total(self.parts, "gram")
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """X^T X_dense: this (pruned-model) input against the dense model's input, same tokens."""
+        return _total(self.parts, "cross")
+
+    @property
+    def dense_sum(self) -> torch.Tensor | None:
+        return _total(self.parts, "dense_sum")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -118,21 +201,35 @@ class InputStats:
 
 @torch.no_grad()
 def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str], with_gram: bool,
-                        advance: bool = False) -> dict[str, InputStats]:
+                        advance: bool = False, dense_inputs: BlockInputs | None = None,
+                        folds: int = 1) -> dict[str, InputStats]:
     """One pass of the (unpruned) block over all inputs, accumulating statistics of each named linear's
-    input. With `advance`, the inputs are replaced by the block's outputs in the same pass."""
-    stats = {name: InputStats(with_gram) for name in linears}
-    handles = [
-        block.get_submodule(name).register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
-        for name in linears
-    ]
+    input. With `advance`, the inputs are replaced by the block's outputs in the same pass. With
+    `dense_inputs` (the same windows' inputs in the dense model), the block runs on those too, which also
+    advances them, and each linear's statistics pair its input with its dense-model input."""
+    stats = {name: InputStats(with_gram, folds) for name in linears}
+    seen: dict[str, torch.Tensor] = {}  # each linear's input in the pass just run
+    handles = [block.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen.__setitem__(name, args[0])) for name in linears]
     try:
-        if advance:
-            run_block(block, inputs)
-        else:
-            for hidden, kwargs in inputs.batches():
-                block(hidden, **kwargs)
+        dense_batches = dense_inputs.batches() if dense_inputs is not None else None
+        for i, (hidden, kwargs) in enumerate(inputs.batches()):
+            out = block(hidden, **kwargs)
+            pruned_seen = dict(seen)
+            dense_seen: dict[str, torch.Tensor | None] = dict.fromkeys(linears)
+            if dense_batches is not None:
+                dense_hidden, dense_kwargs = next(dense_batches)
+                dense_inputs.hidden[i] = _first(block(dense_hidden, **dense_kwargs)).to(dense_inputs.storage)
+                dense_seen = dict(seen)
+            for name in linears:  # some families (OPT) flatten windows before a linear: give the count
+                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0])
+            if advance:
+                inputs.hidden[i] = _first(out).to(inputs.storage)
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out

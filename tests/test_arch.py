@@ -12,7 +12,7 @@ import pruning
 from pruning.arch import FAMILIES, families, get_adapter, supported_model_types
 from pruning.surgery import cut
 
-METHODS = [("fasp", {}), ("flap", {}), ("flap", {"structure": "UL-UM"}), ("wanda-sp", {})]
+METHODS = [("fasp", {}), ("fasp-plus", {}), ("flap", {}), ("flap", {"structure": "UL-UM"}), ("wanda-sp", {})]
 
 
 def test_every_registered_family_has_a_tiny_model():
@@ -117,7 +117,7 @@ def test_methods_meet_the_size_and_reload(tiny_model, calibration, probe, tmp_pa
     before = _block_matrices(tiny_model)
     result = pruning.prune(tiny_model, method, sparsity, calibration, progress=False, **options)
     after = _block_matrices(result.model)
-    largest = max(_unit_costs(tiny_model.config, "channel" if method == "fasp" else "head").values())
+    largest = max(_unit_costs(tiny_model.config, "channel" if method.startswith("fasp") else "head").values())
     assert abs((before - after) - sparsity * before) <= tiny_model.config.num_hidden_layers * largest
     assert result.metadata["prunable_params"] == {"before": before, "after": after}
     assert result.metadata["family"] == adapter.family.name

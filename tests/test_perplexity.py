@@ -69,3 +69,27 @@ def test_a_bos_model_gets_bos_first_in_every_window(tiny_model):
     windows = torch.cat([torch.full((5, 1), 2), text[0, : 5 * 31].view(5, 31)], dim=1).reshape(1, -1)
     assert result["windows"] == 5 and result["bos"] and result["predicted_tokens"] == 5 * 31
     assert result["ppl"] == pytest.approx(reference_perplexity(tiny_model, windows, 32, 5), rel=1e-4)
+
+
+def test_calibration_side_validation_windows_avoid_every_calibration_window(data_root):
+    """c4-calval: windows of the calibration documents that share no 64-token run with any calibration draw of
+    up to 128 windows (a draw of n is the first n of a larger one), and no document of the test set c4-heldout."""
+    from transformers import AutoTokenizer
+
+    from fasp_bench.data import calibration_ids, perplexity_ids
+    from fasp_bench.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    seqlen = 512
+    draw = calibration_ids(tokenizer, 128, seqlen, root=data_root)
+    assert torch.equal(calibration_ids(tokenizer, 16, seqlen, root=data_root), draw[:16])
+    ids = perplexity_ids("c4-calval", tokenizer, seqlen, data_root)
+    windows = ids.view(-1, seqlen)  # no BOS for SmolLM2: whole windows of text tokens
+    assert len(windows) >= 100
+
+    def runs(rows) -> set[int]:
+        return {hash(tuple(row[i:i + 64])) for row in (r.tolist() for r in rows) for i in range(len(row) - 63)}
+
+    validation = runs(windows)
+    assert not validation & runs(draw)
+    assert not validation & runs(tokenizer(perplexity_text("c4", data_root)[:200_000], return_tensors="pt").input_ids)

@@ -21,6 +21,8 @@ class PruningMethod:
     # every block scored before any is cut (what a global allocation needs)
     propagation: str = "pruned"
     allocation: str = "uniform"  # "uniform": the same fraction everywhere; "global": one threshold
+    needs_dense_inputs: bool = False  # statistics pair each consumer input with its dense-model input
+    folds: int = 1  # calibration statistics kept per fold of windows (held-out choices)
 
     def column_scores(self, coupling: Coupling, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         """Importance of each consumer input column, shape [in_features]."""
@@ -30,13 +32,24 @@ class PruningMethod:
         """Importance of each unit: the sum over the consumer columns it feeds."""
         return column_scores[coupling.columns].sum(-1)
 
-    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor,
+    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor, where: str = "",
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The consumer's new weight on `keep_columns` and its bias. Default: plain slicing."""
+        """The consumer's new weight on `keep_columns` and its bias. Default: plain slicing.
+        `where` names the consumer (layers.i.path) for what the method records in `decisions`."""
         return consumer.weight[:, keep_columns], consumer.bias
+
+    def allocation_scores(self, coupling: Coupling, unit_scores: torch.Tensor, consumer: nn.Linear,
+                          stats: InputStats, unit_cost: int, residual_energy: float) -> torch.Tensor:
+        """Unit scores comparable across layers and couplings, for a global plan (the lowest go first).
+        Default: the unit scores themselves (FLAP standardizes them per module)."""
+        return unit_scores
 
     def describe(self) -> dict:
         """Method options recorded in pruning.json."""
+        return {}
+
+    def decisions(self) -> dict:
+        """What the method chose while pruning (e.g. per-consumer damping), recorded in pruning.json."""
         return {}
 
 

@@ -3,7 +3,7 @@
 Score of consumer column j: S_j = sum_i |W_ij| * ||X_j||_2. A unit (FFN neuron, or one V dimension of a
 KV head) scores the sum over the consumer columns it feeds. After the kept columns S are chosen, the
 consumer is refit so its output on the calibration inputs matches the dense output in least squares,
-from the Gram matrix G = X^T X alone, with damping lambda = damping * mean(diag G[S, S]):
+from the Gram matrix G = X^T X alone (`pruning.restoration`), with damping lambda = damping * mean(diag G[S, S]):
 
     toward="zero":      W_S = W G[:, S] (G[S, S] + lambda I)^-1                  (ridge: shrinks W_S to 0)
     toward="original":  W_S = (W G[:, S] + lambda W[:, S]) (G[S, S] + lambda I)^-1  (shrinks W_S to W[:, S])
@@ -19,31 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import restoration
 from ..arch import Coupling
 from ..calibrate import InputStats
 from ..errors import PruningError
 from . import register
 from .base import PruningMethod
-
-DAMPING_TOWARD = ("original", "zero")
-
-
-def restore_least_squares(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor,
-                          damping: float = 0.1, toward: str = "original") -> torch.Tensor:
-    """argmin_{W_S} ||X_S W_S^T - X W^T||^2 + lambda ||W_S - prior||^2, prior = W[:, S] or 0."""
-    gram = gram.double()
-    g_ss = gram[keep][:, keep]
-    lam = damping * g_ss.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    g_ss = g_ss + lam * torch.eye(len(keep), dtype=gram.dtype, device=gram.device)
-    rhs = gram[keep] @ weight.double().T  # G[S, :] W^T = (W G[:, S])^T, G symmetric
-    if toward == "original":
-        rhs += lam * weight.double()[:, keep].T
-    chol, info = torch.linalg.cholesky_ex(g_ss)
-    if info.item() == 0:
-        solution = torch.cholesky_solve(rhs, chol)
-    else:  # numerically singular even after damping: least-norm solution
-        solution = torch.linalg.lstsq(g_ss, rhs).solution
-    return solution.T.to(weight.dtype)
 
 
 @register
@@ -52,8 +33,9 @@ class FASP(PruningMethod):
     attention_unit = "channel"
 
     def __init__(self, restore: bool = True, damping: float = 0.1, damping_toward: str = "original"):
-        if damping_toward not in DAMPING_TOWARD:
-            raise PruningError(f"unknown damping target {damping_toward!r}: choose {' or '.join(DAMPING_TOWARD)}")
+        if damping_toward not in restoration.DAMPING_TOWARD:
+            raise PruningError(f"unknown damping target {damping_toward!r}: "
+                               f"choose {' or '.join(restoration.DAMPING_TOWARD)}")
         if not damping >= 0:
             raise PruningError(f"damping {damping!r} must be >= 0 (a fraction of the mean Gram diagonal, e.g. 0.1)")
         self.restore_weights = restore
@@ -64,11 +46,11 @@ class FASP(PruningMethod):
     def column_scores(self, coupling: Coupling, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         return weight.abs().sum(0).double() * stats.norm
 
-    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor):
+    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor, where: str = ""):
         if not self.restore_weights:
-            return super().restore(consumer, stats, keep_columns)
-        weight = restore_least_squares(consumer.weight, stats.gram, keep_columns, self.damping, self.damping_toward)
-        return weight, consumer.bias
+            return super().restore(consumer, stats, keep_columns, where)
+        return restoration.restore(consumer.weight, consumer.bias, stats, keep_columns, self.damping,
+                                   self.damping_toward)
 
     def describe(self) -> dict:
         return {"restore": self.restore_weights, "damping": self.damping, "damping_toward": self.damping_toward}

@@ -50,7 +50,7 @@ class FLAP(PruningMethod):
         standardized = (column_scores - column_scores.mean()) / spread
         return standardized[coupling.columns].mean(-1)
 
-    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor):
+    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor, where: str = ""):
         weight = consumer.weight
         if not self.compensate:
             return weight[:, keep_columns], consumer.bias

@@ -1,0 +1,77 @@
+"""FASP-plus: FASP's column score and cut, with restoration and widths beyond the paper (`fasp` stays the paper's).
+
+Each ingredient is an option, so a comparison can ablate it (`fasp-plus:target=pruned`):
+- target: "dense" refits each consumer onto the dense model's output on the same tokens, which also corrects
+  the error earlier blocks carried in; "pruned" is the paper's target (`pruning.restoration`).
+- intercept: fit the consumer's bias jointly (a constant input column); it absorbs inputs that were constant,
+  as FLAP's bias compensation does, inside the least-squares fit.
+- damping: "auto" picks it per consumer from `restoration.DAMPING_GRID` by reconstruction error on held-out
+  calibration windows (2 folds; no evaluation text is read); a number fixes it as in `fasp`.
+- widths: "adaptive" allocates the removals across layers and between attention and FFN by one global
+  threshold on each unit's output energy ||X_j||^2 ||W_:j||^2 (the exact squared error of removing it alone,
+  unrestored) relative to the energy of the residual stream entering its block, per parameter removed;
+  "uniform" removes the same fraction everywhere, as `fasp` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import restoration
+from ..arch import Coupling
+from ..calibrate import InputStats
+from ..errors import PruningError
+from . import register
+from .fasp import FASP
+
+WIDTHS = {"adaptive": "global", "uniform": "uniform"}
+
+
+@register
+class FASPPlus(FASP):
+    name = "fasp-plus"
+
+    def __init__(self, target: str = "dense", intercept: bool = True, damping: str = "auto",
+                 damping_toward: str = "original", widths: str = "adaptive"):
+        if target not in restoration.TARGETS:
+            raise PruningError(f"unknown restoration target {target!r}: choose {' or '.join(restoration.TARGETS)}")
+        if widths not in WIDTHS:
+            raise PruningError(f"unknown widths {widths!r}: choose {' or '.join(WIDTHS)}")
+        if damping != "auto":
+            try:
+                damping = float(damping)
+            except ValueError:
+                raise PruningError(f"damping {damping!r} is 'auto' or a number >= 0") from None
+        super().__init__(restore=True, damping=0.0 if damping == "auto" else damping, damping_toward=damping_toward)
+        self.damping = damping
+        self.target = target
+        self.intercept = intercept
+        self.widths = widths
+        self.allocation = WIDTHS[widths]
+        self.needs_dense_inputs = target == "dense"
+        self.folds = 2 if damping == "auto" else 1
+        self.chosen_damping: dict[str, float] = {}
+
+    def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor, where: str = ""):
+        damping = self.damping
+        if damping == "auto" and not len(keep_columns):  # every column cut: no weight left to damp
+            damping = 0.0
+        elif damping == "auto":
+            damping = restoration.choose_damping(consumer.weight, consumer.bias, stats, keep_columns, self.target,
+                                                 self.intercept, self.damping_toward)
+            self.chosen_damping[where] = damping
+        return restoration.restore(consumer.weight, consumer.bias, stats, keep_columns, damping,
+                                   self.damping_toward, self.target, self.intercept)
+
+    def allocation_scores(self, coupling: Coupling, unit_scores: torch.Tensor, consumer: nn.Linear,
+                          stats: InputStats, unit_cost: int, residual_energy: float) -> torch.Tensor:
+        column_energy = stats.sq_sum * consumer.weight.double().square().sum(0)
+        return column_energy[coupling.columns].sum(-1) / (residual_energy * unit_cost)
+
+    def describe(self) -> dict:
+        return {"target": self.target, "intercept": self.intercept, "damping": self.damping,
+                "damping_toward": self.damping_toward, "widths": self.widths}
+
+    def decisions(self) -> dict:
+        return {"damping": dict(self.chosen_damping)} if self.chosen_damping else {}
