@@ -203,14 +203,14 @@ def _score_on_dense_activations(pruner: PruningMethod, adapter: ArchAdapter, lay
     for i, layer in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
         blocks.load(i, layer)
         couplings = adapter.couplings(layer, pruner.attention_unit)
-        residual_energy = sum(h.double().square().sum().item() for h in inputs.hidden)
-        stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], with_gram, advance=True)
+        stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], with_gram, advance=True,
+                                    relative=pruner.relative_allocation)
         scores, allocation = {}, {}
         for c in couplings:
             consumer = layer.get_submodule(c.consumer)
             scores[c.name] = pruner.unit_scores(c, pruner.column_scores(c, consumer.weight, stats[c.consumer]))
             allocation[c.name] = pruner.allocation_scores(c, scores[c.name], consumer, stats[c.consumer],
-                                                          c.unit_cost(layer), residual_energy)
+                                                          c.unit_cost(layer))
         scored.append(ScoredLayer(couplings, scores, allocation, {c.name: c.unit_cost(layer) for c in couplings},
                                   stats))
         blocks.release(i, layer, final=False)

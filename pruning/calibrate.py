@@ -90,8 +90,10 @@ class _Moments:
     gram: torch.Tensor | None = field(default=None, repr=False)
     cross: torch.Tensor | None = field(default=None, repr=False)
     dense_sum: torch.Tensor | None = None
+    relative_sq_sum: torch.Tensor | None = None  # sum over tokens of x_tj^2 / ||h_t||^2 (block input h)
 
-    def update(self, x: torch.Tensor, with_gram: bool, dense: torch.Tensor | None) -> None:
+    def update(self, x: torch.Tensor, with_gram: bool, dense: torch.Tensor | None,
+               residual_sq: torch.Tensor | None = None) -> None:
         if x.shape[0] == 0:
             return
         if self.sum is None:
@@ -103,6 +105,8 @@ class _Moments:
             if dense is not None:
                 self.cross = x.new_zeros(n, n, dtype=torch.float64)
                 self.dense_sum = x.new_zeros(n, dtype=torch.float64)
+            if residual_sq is not None:
+                self.relative_sq_sum = x.new_zeros(n, dtype=torch.float64)
         self.count += x.shape[0]
         self.sum += x.sum(0).double()
         self.sq_sum += x.square().sum(0).double()
@@ -111,6 +115,8 @@ class _Moments:
         if dense is not None:
             self.cross += (x.T @ dense).double()
             self.dense_sum += dense.sum(0).double()
+        if residual_sq is not None:
+            self.relative_sq_sum += (x.square() / residual_sq.to(x.dtype)[:, None]).sum(0).double()
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +148,11 @@ class InputStats:
     def __post_init__(self):
         self.parts = self.parts or [_Moments() for _ in range(self.folds)]
 
-    def update(self, x: torch.Tensor, dense: torch.Tensor | None = None, windows: int | None = None) -> None:
+    def update(self, x: torch.Tensor, dense: torch.Tensor | None = None, windows: int | None = None,
+               residual_sq: torch.Tensor | None = None) -> None:
         """x: [windows, tokens, channels], or any shape holding `windows` windows' tokens in order (a 2-D
-        x without `windows` is one window); dense: the same tokens' input in the dense model."""
+        x without `windows` is one window); dense: the same tokens' input in the dense model; residual_sq:
+        [windows, tokens], each token's squared norm of the block input (for `relative_sq_sum`)."""
         if windows is None:
             windows = x.shape[0] if x.dim() > 2 else 1
         x = _at_least_fp32(x).reshape(windows, -1, x.shape[-1])
@@ -152,7 +160,8 @@ class InputStats:
         for fold, part in enumerate(self.parts):
             rows = slice((fold - self.windows_seen) % self.folds, None, self.folds)
             part.update(x[rows].reshape(-1, x.shape[-1]), self.with_gram,
-                        None if dense is None else dense[rows].reshape(-1, x.shape[-1]))
+                        None if dense is None else dense[rows].reshape(-1, x.shape[-1]),
+                        None if residual_sq is None else residual_sq[rows].reshape(-1))
         self.windows_seen += x.shape[0]
 
     def fold(self, k: int) -> InputStats:
@@ -185,6 +194,12 @@ class InputStats:
         return _total(self.parts, "dense_sum")
 
     @property
+    def relative_sq_sum(self) -> torch.Tensor | None:
+        """Sum over tokens of x_tj^2 / ||h_t||^2: each channel's energy relative to the residual stream entering
+        the block, token by token (collected with `relative=True`)."""
+        return _total(self.parts, "relative_sq_sum")
+
+    @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.count
 
@@ -202,11 +217,12 @@ class InputStats:
 @torch.no_grad()
 def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str], with_gram: bool,
                         advance: bool = False, dense_inputs: BlockInputs | None = None,
-                        folds: int = 1) -> dict[str, InputStats]:
+                        folds: int = 1, relative: bool = False) -> dict[str, InputStats]:
     """One pass of the (unpruned) block over all inputs, accumulating statistics of each named linear's
     input. With `advance`, the inputs are replaced by the block's outputs in the same pass. With
     `dense_inputs` (the same windows' inputs in the dense model), the block runs on those too, which also
-    advances them, and each linear's statistics pair its input with its dense-model input."""
+    advances them, and each linear's statistics pair its input with its dense-model input. With `relative`,
+    each token's input is also weighed against the block input's norm at that token (`relative_sq_sum`)."""
     stats = {name: InputStats(with_gram, folds) for name in linears}
     seen: dict[str, torch.Tensor] = {}  # each linear's input in the pass just run
     handles = [block.get_submodule(name).register_forward_pre_hook(
@@ -221,8 +237,10 @@ def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str
                 dense_hidden, dense_kwargs = next(dense_batches)
                 dense_inputs.hidden[i] = _first(block(dense_hidden, **dense_kwargs)).to(dense_inputs.storage)
                 dense_seen = dict(seen)
+            residual_sq = hidden.float().square().sum(-1).clamp_min(1e-30) if relative else None
             for name in linears:  # some families (OPT) flatten windows before a linear: give the count
-                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0])
+                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0],
+                                   residual_sq=residual_sq)
             if advance:
                 inputs.hidden[i] = _first(out).to(inputs.storage)
     finally:

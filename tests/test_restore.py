@@ -29,14 +29,17 @@ def _stats(x, dense=None, folds=1, windows=8):
 def test_statistics_accumulated_in_batches_equal_the_token_matrices():
     x, _, _ = _layer_problem()
     xd = x + 0.1 * torch.randn_like(x)
+    residual_sq = torch.rand(8, 50, generator=torch.Generator().manual_seed(4), dtype=x.dtype) + 0.5
     stats = InputStats(with_gram=True, folds=2)
-    for batch, dense in zip(x.view(8, 50, -1).split(3), xd.view(8, 50, -1).split(3)):  # windows 0-2, 3-5, 6-7
-        stats.update(batch.float(), dense.float())
+    for batch, dense, res in zip(x.view(8, 50, -1).split(3), xd.view(8, 50, -1).split(3), residual_sq.split(3)):
+        stats.update(batch.float(), dense.float(), residual_sq=res)  # windows 0-2, 3-5, 6-7
     xf, xdf = x.float().double(), xd.float().double()
     torch.testing.assert_close(stats.gram, xf.T @ xf, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(stats.cross, xf.T @ xdf, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(stats.dense_sum, xdf.sum(0), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(stats.norm, xf.norm(dim=0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.relative_sq_sum, (xf.square() / residual_sq.reshape(-1, 1)).sum(0), rtol=1e-5,
+                               atol=1e-4)
     assert stats.count == x.shape[0]
     # fold k holds the windows w with w % 2 == k, wherever the batches split them
     even = xf.view(8, 50, -1)[0::2].reshape(-1, x.shape[1])

@@ -23,6 +23,7 @@ class PruningMethod:
     allocation: str = "uniform"  # "uniform": the same fraction everywhere; "global": one threshold
     needs_dense_inputs: bool = False  # statistics pair each consumer input with its dense-model input
     folds: int = 1  # calibration statistics kept per fold of windows (held-out choices)
+    relative_allocation: bool = False  # a global plan's statistics weigh tokens by the residual norm
 
     def column_scores(self, coupling: Coupling, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         """Importance of each consumer input column, shape [in_features]."""
@@ -39,7 +40,7 @@ class PruningMethod:
         return consumer.weight[:, keep_columns], consumer.bias
 
     def allocation_scores(self, coupling: Coupling, unit_scores: torch.Tensor, consumer: nn.Linear,
-                          stats: InputStats, unit_cost: int, residual_energy: float) -> torch.Tensor:
+                          stats: InputStats, unit_cost: int) -> torch.Tensor:
         """Unit scores comparable across layers and couplings, for a global plan (the lowest go first).
         Default: the unit scores themselves (FLAP standardizes them per module)."""
         return unit_scores

@@ -8,9 +8,11 @@ Each ingredient is an option, so a comparison can ablate it (`fasp-plus:target=p
 - damping: "auto" picks it per consumer from `restoration.DAMPING_GRID` by reconstruction error on held-out
   calibration windows (2 folds; no evaluation text is read); a number fixes it as in `fasp`.
 - widths: "adaptive" allocates the removals across layers and between attention and FFN by one global
-  threshold on each unit's output energy ||X_j||^2 ||W_:j||^2 (the exact squared error of removing it alone,
-  unrestored) relative to the energy of the residual stream entering its block, per parameter removed;
-  "uniform" removes the same fraction everywhere, as `fasp` does.
+  threshold on each unit's output energy relative to the residual stream, token by token,
+  sum_t x_tj^2 ||W_:j||^2 / ||h_t||^2 (h_t: the block's input; the error of removing the unit alone, unrestored,
+  as a fraction of the stream it is added to), per parameter removed. Per token, because a few tokens carry
+  massive residual norms deeper in the model: normalizing by the total energy instead emptied SmolLM2's
+  middle layers. "uniform" removes the same fraction everywhere, as `fasp` does.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class FASPPlus(FASP):
         self.allocation = WIDTHS[widths]
         self.needs_dense_inputs = target == "dense"
         self.folds = 2 if damping == "auto" else 1
+        self.relative_allocation = True
         self.chosen_damping: dict[str, float] = {}
 
     def restore(self, consumer: nn.Linear, stats: InputStats, keep_columns: torch.Tensor, where: str = ""):
@@ -65,9 +68,9 @@ class FASPPlus(FASP):
                                    self.damping_toward, self.target, self.intercept)
 
     def allocation_scores(self, coupling: Coupling, unit_scores: torch.Tensor, consumer: nn.Linear,
-                          stats: InputStats, unit_cost: int, residual_energy: float) -> torch.Tensor:
-        column_energy = stats.sq_sum * consumer.weight.double().square().sum(0)
-        return column_energy[coupling.columns].sum(-1) / (residual_energy * unit_cost)
+                          stats: InputStats, unit_cost: int) -> torch.Tensor:
+        column_energy = stats.relative_sq_sum * consumer.weight.double().square().sum(0)
+        return column_energy[coupling.columns].sum(-1) / unit_cost
 
     def describe(self) -> dict:
         return {"target": self.target, "intercept": self.intercept, "damping": self.damping,
