@@ -57,10 +57,10 @@ PROFILES = {
     # test sets, full task sets. The one to use on a GPU.
     "standard": Profile(nsamples=128, calibration_seqlen=None, ppl_seqlen=None, max_windows=None, limit=None,
                      tasks=ALL_TASKS, serve=ServeProtocol(prompts=16, input_len=128, output_len=64, repeats=3)),
-    # Method development (FASP-plus, issue 15): 64 x 512 calibration, 128 windows of each perplexity set plus the
+    # Method development (FASP-plus, issue 15): 64 x 512 calibration, 100 windows of each perplexity set plus the
     # calibration-side validation set c4-calval (settings are chosen on it, never on the test sets), 100
     # documents per task; run it with --no-serve.
-    "ablation": Profile(nsamples=64, calibration_seqlen=512, ppl_seqlen=512, max_windows=128, limit=100,
+    "ablation": Profile(nsamples=64, calibration_seqlen=512, ppl_seqlen=512, max_windows=100, limit=100,
                         tasks=ALL_TASKS, ppl=("c4-calval", "wikitext2", "c4"),
                         serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3)),
     # For tests on tiny random-init models.
