@@ -112,7 +112,8 @@ def cmd_run(args) -> int:
     plan = RunPlan(model=args.model, methods=args.methods, sparsities=args.sparsities, profile=args.profile,
                    out=Path(args.out), work_dir=Path(args.work_dir), data_root=data_dir(args.data), seed=args.seed,
                    serve=not args.no_serve, dtype=args.dtype, device=args.device, round_to=args.round_to,
-                   tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size)
+                   tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
+                   nsamples=args.nsamples)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_alignment_args(p)
     _add_tp_arg(p)
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
+    p.add_argument("--nsamples", type=int, help="calibration windows instead of the profile's (use a --work-dir "
+                                                 "per count: checkpoint folders are named by method and sparsity)")
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("report", help="rebuild the report from a results file")

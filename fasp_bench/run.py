@@ -85,6 +85,7 @@ class RunPlan:
     round_to: int = 1  # widths that deploy (pruning.budget.Alignment)
     tp_multiple: int = 1
     tensor_parallel_size: int = 1  # vLLM serving
+    nsamples: int | None = None  # calibration windows; None: the profile's (a calibration-size study)
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -96,6 +97,8 @@ class RunPlan:
         Alignment(self.round_to, self.tp_multiple)
         if self.tensor_parallel_size < 1:
             raise BenchError(f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})")
+        if self.nsamples is not None and self.nsamples < 1:
+            raise BenchError(f"--nsamples must be at least 1 (got {self.nsamples})")
         self.methods = list(dict.fromkeys(method_spec(*parse_method_spec(m)) for m in self.methods))
         if not self.sparsities:
             raise BenchError("no sparsities given: --sparsities takes values in (0, 1), e.g. 0.1 0.2 0.3")
@@ -140,6 +143,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     store = ResultsStore(plan.work_dir / STORE_FILE)
     config = load_config(plan.model)
     calibration_seqlen = settings.calibration_seqlen or default_seqlen(config)
+    nsamples = plan.nsamples or settings.nsamples
     serve_protocol = ServeProtocol(**{**asdict(settings.serve), "dtype": plan.dtype or default_dtype(),
                                       "seed": plan.seed, "tensor_parallel_size": plan.tensor_parallel_size}).resolved()
     device = resolve_device(plan.device)
@@ -157,7 +161,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     for method, sparsity in jobs:
         bar.set_postfix_str(f"prune {_label(method, sparsity)}")
         name, options = parse_method_spec(method)
-        job = PruneJob(model=plan.model, method=name, options=options, sparsity=sparsity, nsamples=settings.nsamples,
+        job = PruneJob(model=plan.model, method=name, options=options, sparsity=sparsity, nsamples=nsamples,
                        seqlen=calibration_seqlen, seed=plan.seed, device=str(device), dtype=dtype,
                        round_to=plan.round_to, data_root=plan.data_root,
                        # what is served with tensor parallelism must split at every layer
@@ -180,7 +184,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     plan_record = {
         "profile": plan.profile, "model": plan.model, "methods": plan.methods, "sparsities": plan.sparsities,
         "models": [{k: v for k, v in m.items() if k != "path"} for m in models],
-        "calibration": (f"{settings.nsamples} x {calibration_seqlen} tokens of C4 train docs "
+        "calibration": (f"{nsamples} x {calibration_seqlen} tokens of C4 train docs "
                         f"{CALIBRATION_DOCS.start}-{CALIBRATION_DOCS.stop - 1}, seed {plan.seed}"),
         "ppl_note": f"{windows} of {seqlen} tokens, WikiText-2 test and "
                     + ("c4-heldout (C4 train docs 500-999)" if plan.data_root else "C4 validation")

@@ -119,10 +119,13 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
                                                                              tmp_path):
     args = ["run", "--model", tiny_model_dirs["llama"], "--methods", "fasp:restore=false", "fasp",
             "fasp:restore=true", "--sparsities", "0.3", "--profile", "minimal", "--out", tmp_path / "reports",
-            "--work-dir", tmp_path / "runs", "--no-serve", "--dtype", "float32", "--device", "cpu"]
+            "--work-dir", tmp_path / "runs", "--no-serve", "--dtype", "float32", "--device", "cpu", "--nsamples", "3"]
     code, _, err = cli(*args, data=data_root)
     assert code == 0, err
     folders = sorted(p.name for p in (tmp_path / "runs" / "checkpoints").iterdir())
+    for folder in folders:  # --nsamples overrides the profile's 4 calibration windows
+        assert json.loads((tmp_path / "runs" / "checkpoints" / folder / "pruning.json").read_text()
+                          )["calibration"]["nsamples"] == 3
     name = tiny_model_dirs["llama"].name
     assert folders == [f"{name}-fasp-0.3", f"{name}-fasp_restore=false-0.3"]  # restore=true is fasp itself
     store = tmp_path / "runs" / "results.jsonl"
@@ -154,6 +157,7 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--sparsities", "1.5"), "sparsity 1.5 is out of range"),
         (("--profile", "huge"), "unknown profile 'huge'"),
         (("--out", "FILE/reports"), "is not writable"),
+        (("--nsamples", "0"), "--nsamples must be at least 1"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
@@ -161,7 +165,11 @@ def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, t
     args = ["run", "--model", tiny_model_dirs["llama"], "--methods", "fasp", "--sparsities", "0.2", "--profile",
             "minimal", "--out", tmp_path / "reports", "--work-dir", tmp_path / "runs", "--no-serve"]
     for flag, value in zip(extra[::2], extra[1::2]):
-        args[args.index(flag) + 1] = str(tmp_path / value) if flag == "--out" else value
+        value = str(tmp_path / value) if flag == "--out" else value
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     code, out, err = cli(*args, data=data_root)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and not out
