@@ -205,14 +205,13 @@ def _score_on_dense_activations(pruner: PruningMethod, adapter: ArchAdapter, lay
         couplings = adapter.couplings(layer, pruner.attention_unit)
         stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], with_gram, advance=True,
                                     relative=pruner.relative_allocation)
-        scores, allocation = {}, {}
+        scores, allocation, costs = {}, {}, {c.name: c.unit_cost(layer) for c in couplings}
         for c in couplings:
             consumer = layer.get_submodule(c.consumer)
             scores[c.name] = pruner.unit_scores(c, pruner.column_scores(c, consumer.weight, stats[c.consumer]))
             allocation[c.name] = pruner.allocation_scores(c, scores[c.name], consumer, stats[c.consumer],
-                                                          c.unit_cost(layer))
-        scored.append(ScoredLayer(couplings, scores, allocation, {c.name: c.unit_cost(layer) for c in couplings},
-                                  stats))
+                                                          costs[c.name])
+        scored.append(ScoredLayer(couplings, scores, allocation, costs, stats))
         blocks.release(i, layer, final=False)
     return scored
 

@@ -42,12 +42,24 @@ class NormalEquations:
     scale: float  # mean diag G[S, S]: damping is relative to it
 
 
-def normal_equations(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, keep: torch.Tensor,
-                     target: str = "pruned", intercept: bool = False, toward: str = "original") -> NormalEquations:
+def check_options(target: str = "pruned", toward: str = "original") -> None:
     if target not in TARGETS:
         raise PruningError(f"unknown restoration target {target!r}: choose {' or '.join(TARGETS)}")
     if toward not in DAMPING_TOWARD:
         raise PruningError(f"unknown damping target {toward!r}: choose {' or '.join(DAMPING_TOWARD)}")
+
+
+def normal_equations(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, keep: torch.Tensor,
+                     target: str = "pruned", intercept: bool = False, toward: str = "original") -> NormalEquations:
+    """The equations over all of `stats`' tokens: the sum of each fold's, so the full [n, n] Gram and
+    cross-Gram of folded statistics are never added up."""
+    check_options(target, toward)
+    return _summed([_fold_equations(weight, bias, stats.fold(k), keep, target, intercept, toward)
+                    for k in range(stats.folds)])
+
+
+def _fold_equations(weight: torch.Tensor, bias: torch.Tensor | None, stats: InputStats, keep: torch.Tensor,
+                    target: str, intercept: bool, toward: str) -> NormalEquations:
     w = weight.double()
     b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.double()
     gram = stats.gram
@@ -71,6 +83,14 @@ def normal_equations(weight: torch.Tensor, bias: torch.Tensor | None, stats: Inp
         penalized = torch.cat([penalized, penalized.new_zeros(1)])
     # without an intercept b' = b, which cancels from both sides
     return NormalEquations(lhs, rhs, prior, penalized, scale)
+
+
+def _summed(eqs: list[NormalEquations]) -> NormalEquations:
+    """The equations of the union of the tokens behind `eqs` (statistics add; the prior is the same)."""
+    if len(eqs) == 1:
+        return eqs[0]
+    return NormalEquations(sum(eq.lhs for eq in eqs), sum(eq.rhs for eq in eqs), eqs[0].prior, eqs[0].penalized,
+                           sum(eq.scale for eq in eqs))
 
 
 def solve(eq: NormalEquations, damping: float) -> torch.Tensor:
@@ -97,12 +117,9 @@ def choose_damping(weight: torch.Tensor, bias: torch.Tensor | None, stats: Input
     folds but one, measure on that one, summed over folds (`stats` must have been collected with folds > 1)."""
     if stats.folds < 2:
         raise PruningError("choosing the damping needs calibration statistics kept in folds (folds=2)")
-    folds = [normal_equations(weight, bias, stats.fold(k), keep, target, intercept, toward) for k in range(stats.folds)]
-    fits = []
-    for k in range(stats.folds):
-        others = [eq for j, eq in enumerate(folds) if j != k]
-        fits.append(NormalEquations(sum(eq.lhs for eq in others), sum(eq.rhs for eq in others), others[0].prior,
-                                    others[0].penalized, sum(eq.scale for eq in others)))
+    check_options(target, toward)
+    folds = [_fold_equations(weight, bias, stats.fold(k), keep, target, intercept, toward) for k in range(stats.folds)]
+    fits = [_summed([eq for j, eq in enumerate(folds) if j != k]) for k in range(stats.folds)]
     errors = [sum(heldout_error(folds[k], solve(fits[k], damping)) for k in range(stats.folds)) for damping in grid]
     return grid[min(range(len(grid)), key=errors.__getitem__)]
 

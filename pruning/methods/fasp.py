@@ -33,9 +33,7 @@ class FASP(PruningMethod):
     attention_unit = "channel"
 
     def __init__(self, restore: bool = True, damping: float = 0.1, damping_toward: str = "original"):
-        if damping_toward not in restoration.DAMPING_TOWARD:
-            raise PruningError(f"unknown damping target {damping_toward!r}: "
-                               f"choose {' or '.join(restoration.DAMPING_TOWARD)}")
+        restoration.check_options(toward=damping_toward)
         if not damping >= 0:
             raise PruningError(f"damping {damping!r} must be >= 0 (a fraction of the mean Gram diagonal, e.g. 0.1)")
         self.restore_weights = restore

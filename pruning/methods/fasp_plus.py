@@ -36,8 +36,7 @@ class FASPPlus(FASP):
 
     def __init__(self, target: str = "dense", intercept: bool = True, damping: str = "auto",
                  damping_toward: str = "original", widths: str = "adaptive"):
-        if target not in restoration.TARGETS:
-            raise PruningError(f"unknown restoration target {target!r}: choose {' or '.join(restoration.TARGETS)}")
+        restoration.check_options(target=target)
         if widths not in WIDTHS:
             raise PruningError(f"unknown widths {widths!r}: choose {' or '.join(WIDTHS)}")
         if damping != "auto":
