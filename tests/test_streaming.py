@@ -33,19 +33,23 @@ def _sharded(name: str, tmp_path):
     return model, source
 
 
-CASES = [(name, method, 0.3) for name in ("llama", "gemma3", "opt") for method in sorted(pruning.METHODS)]
+FAMILIES = ("llama", "gemma3", "opt")
+CASES = [(name, method, 0.3, {}) for name in FAMILIES for method in sorted(pruning.METHODS)]
+# the dense target streams the uncut block inputs beside the pruned ones
+CASES += [(name, "fasp-plus", 0.3, {"target": "dense"}) for name in FAMILIES]
 # FLAP at 50% on the tiny LLaMA removes a head in layer 0 only: its o_proj gains a bias after the other
 # blocks' shards are written, so those are rewritten with zero biases
-CASES.append(("llama", "flap", 0.5))
+CASES.append(("llama", "flap", 0.5, {}))
 
 
-@pytest.mark.parametrize("name, method, sparsity", CASES)
-def test_streamed_checkpoint_equals_in_memory_pruning(name, method, sparsity, calibration, probe, tmp_path):
+@pytest.mark.parametrize("name, method, sparsity, options", CASES)
+def test_streamed_checkpoint_equals_in_memory_pruning(name, method, sparsity, options, calibration, probe, tmp_path):
     model, source = _sharded(name, tmp_path)
-    in_memory = pruning.prune(model, method=method, sparsity=sparsity, calibration=calibration, progress=False)
+    in_memory = pruning.prune(model, method=method, sparsity=sparsity, calibration=calibration, progress=False,
+                              **options)
     pruning.save_pruned(in_memory.model, tmp_path / "memory", in_memory.metadata)
     streamed = pruning.prune_pretrained(source, tmp_path / "streamed", method=method, sparsity=sparsity,
-                                        calibration=calibration, progress=False)
+                                        calibration=calibration, progress=False, **options)
     if sparsity == 0.5:
         assert sorted(set(streamed.metadata["layers"]["kv_heads"])) == [1, 2]  # the case this entry is for
 
