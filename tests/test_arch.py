@@ -12,7 +12,8 @@ import pruning
 from pruning.arch import FAMILIES, families, get_adapter, supported_model_types
 from pruning.surgery import cut
 
-METHODS = [("fasp", {}), ("fasp-plus", {}), ("fasp-plus", {"target": "dense"}), ("flap", {}), ("flap", {"structure": "UL-UM"}), ("wanda-sp", {})]
+METHODS = [("fasp", {}), ("fasp-plus", {}), ("fasp-plus", {"target": "dense"}), ("flap", {}),
+           ("flap", {"structure": "UL-UM"}), ("wanda-sp", {})]
 
 
 def test_every_registered_family_has_a_tiny_model():
