@@ -65,7 +65,7 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     root = data_dir(args.data)
     tasks_dirs = tuple(Path(d) for d in args.tasks_dir)
-    protocol = EvalProtocol(ppl=tuple(n for n in args.ppl.split(",") if n and n != "none"),
+    protocol = EvalProtocol(ppl=_ppl_sets(args.ppl),
                             tasks=tuple(resolve_tasks(args.zeroshot, list(tasks_dirs))), seqlen=args.seqlen,
                             max_windows=args.max_windows, limit=args.limit, seed=args.seed, dtype=args.dtype,
                             device=args.device, batch_size=args.batch_size, tasks_dirs=tasks_dirs)
@@ -75,6 +75,10 @@ def cmd_eval(args) -> int:
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))
     print(f"results: {store.path}")
     return 0
+
+
+def _ppl_sets(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
 
 
 def cmd_serve(args) -> int:
@@ -113,7 +117,8 @@ def cmd_run(args) -> int:
                    out=Path(args.out), work_dir=Path(args.work_dir), data_root=data_dir(args.data), seed=args.seed,
                    serve=not args.no_serve, dtype=args.dtype, device=args.device, round_to=args.round_to,
                    tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
-                   nsamples=args.nsamples)
+                   nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
+                   tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)))
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -204,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a checkpoint or model, into the store")
     p.add_argument("checkpoint", help="pruned checkpoint folder, Hugging Face folder, hub id or embedded name")
     p.add_argument("--ppl", default="wikitext2,c4",
-                   help="comma-separated perplexity sets: wikitext2, c4 (offline: c4-heldout), or none")
+                   help="comma-separated perplexity sets: wikitext2, c4 (offline: c4-heldout), c4-calval "
+                        "(calibration-side, for choosing settings), or none")
     p.add_argument("--zeroshot", default="none",
                    help=f"comma-separated lm-eval tasks, 'all' ({', '.join(ALL_TASKS)}) or none (default)")
     p.add_argument("--tasks-dir", action="append", default=[],
@@ -256,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
     p.add_argument("--nsamples", type=int, help="calibration windows instead of the profile's (use a --work-dir "
                                                  "per count: checkpoint folders are named by method and sparsity)")
+    p.add_argument("--ppl", help="comma-separated perplexity sets instead of the profile's: wikitext2, c4, c4-calval "
+                                 "(calibration-side, for choosing settings), or none")
+    p.add_argument("--zeroshot", help="comma-separated lm-eval tasks instead of the profile's, 'all' or none")
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("report", help="rebuild the report from a results file")

@@ -9,7 +9,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -86,6 +86,8 @@ class RunPlan:
     tp_multiple: int = 1
     tensor_parallel_size: int = 1  # vLLM serving
     nsamples: int | None = None  # calibration windows; None: the profile's (a calibration-size study)
+    ppl: tuple[str, ...] | None = None  # perplexity sets; None: the profile's
+    tasks: tuple[str, ...] | None = None  # zero-shot tasks; None: the profile's
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -109,14 +111,16 @@ class RunPlan:
             _check_writable(folder, flag)
         if self.data_root is not None:
             data_file(self.data_root, C4_SHARD)
-        EvalProtocol(tasks=self.profile_settings.tasks).check(self.data_root)
+        EvalProtocol(ppl=self.profile_settings.ppl, tasks=self.profile_settings.tasks).check(self.data_root)
         if self.serve:
             require_vllm()
         pruning.get_adapter(load_config(self.model))
 
     @property
     def profile_settings(self) -> Profile:
-        return PROFILES[self.profile]
+        """The profile, with the sets and tasks the plan names instead of its own."""
+        overrides = {k: v for k, v in (("ppl", self.ppl), ("tasks", self.tasks)) if v is not None}
+        return replace(PROFILES[self.profile], **overrides)
 
 
 def _check_writable(folder: Path, flag: str) -> None:
@@ -190,7 +194,8 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                     + ("c4-heldout (C4 train docs 500-999)" if plan.data_root else "C4 validation")
                     + ("; c4-calval: calibration documents outside every calibration draw of up to "
                        f"{VALIDATION_AVOIDS} windows, for choosing settings" if "c4-calval" in settings.ppl else ""),
-        "zeroshot_note": (f"lm-eval, 0-shot, first {settings.limit} docs per task (acc)" if settings.limit
+        "zeroshot_note": ("not run" if not settings.tasks
+                          else f"lm-eval, 0-shot, first {settings.limit} docs per task (acc)" if settings.limit
                           else "lm-eval, 0-shot, full sets (acc)"),
         "serve_note": (f"vLLM, {serve_protocol.prompts} prompts x ({serve_protocol.input_len} in, "
                        f"{serve_protocol.output_len} out), greedy, {serve_protocol.dtype}, median of "

@@ -119,7 +119,8 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
                                                                              tmp_path):
     args = ["run", "--model", tiny_model_dirs["llama"], "--methods", "fasp:restore=false", "fasp",
             "fasp:restore=true", "--sparsities", "0.3", "--profile", "minimal", "--out", tmp_path / "reports",
-            "--work-dir", tmp_path / "runs", "--no-serve", "--dtype", "float32", "--device", "cpu", "--nsamples", "3"]
+            "--work-dir", tmp_path / "runs", "--no-serve", "--dtype", "float32", "--device", "cpu", "--nsamples", "3",
+            "--ppl", "c4-calval", "--zeroshot", "none"]
     code, _, err = cli(*args, data=data_root)
     assert code == 0, err
     folders = sorted(p.name for p in (tmp_path / "runs" / "checkpoints").iterdir())
@@ -132,6 +133,9 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
     records = [json.loads(line) for line in store.read_text().splitlines()]
     prunes = {r["model"]: r for r in records if r["metric"] == "prune"}
     assert sorted(prunes) == ["fasp-0.3", "fasp:restore=false-0.3"]
+    # --ppl and --zeroshot replace the minimal profile's sets (wikitext2, c4) and task (arc_easy)
+    assert {r["protocol"]["dataset"] for r in records if r["metric"] == "perplexity"} == {"c4-calval"}
+    assert not [r for r in records if r["metric"] == "zeroshot"]
     assert prunes["fasp-0.3"]["protocol"]["options"] == {"restore": True, "damping": 0.1,
                                                          "damping_toward": "original"}
     assert prunes["fasp:restore=false-0.3"]["protocol"]["options"]["restore"] is False
@@ -158,6 +162,8 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--profile", "huge"), "unknown profile 'huge'"),
         (("--out", "FILE/reports"), "is not writable"),
         (("--nsamples", "0"), "--nsamples must be at least 1"),
+        (("--ppl", "wikitext3"), "unknown perplexity set 'wikitext3'"),
+        (("--zeroshot", "arc_hard"), "unknown zero-shot task 'arc_hard'"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
