@@ -1,4 +1,4 @@
-"""`fasp-bench prune|eval|serve|run|report|prune-speed`: one-line errors, non-zero exits, progress bars."""
+"""`fasp-bench prune|eval|serve|run|report|study|prune-speed`: one-line errors, non-zero exits, progress bars."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .report import write_report
 from .run import PROFILES, RunPlan, run
 from .serving.bench import ENGINES, ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
 from .store import STORE_FILE, ResultsStore
+from .study import load_study, study_tables
 from .zeroshot import ALL_TASKS, resolve_tasks
 
 
@@ -129,6 +130,17 @@ def cmd_report(args) -> int:
     if not Path(args.results).is_file():
         raise BenchError(f"results file {args.results} does not exist: give the results.jsonl of a fasp-bench run")
     print(f"report: {write_report(args.results, args.out)}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    table, items = load_study(args.results)
+    text = study_tables(table, items, args.against)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"study: {args.out}")
+    else:
+        print(text)
     return 0
 
 
@@ -271,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="runs/results.jsonl")
     p.add_argument("--out", default="reports")
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("study", help="method-development tables: every configuration in the stores against "
+                                     "baselines (ablations, calibration-size sweeps)")
+    p.add_argument("results", nargs="+", help="results.jsonl files, each optionally tagged: "
+                                                         "runs/calib16/results.jsonl=16")
+    p.add_argument("--against", nargs="+", default=["fasp", "flap", "wanda-sp"],
+                   help="baseline methods (specs as in run --methods) each row is paired with")
+    p.add_argument("--out", help="write the markdown here instead of printing it")
+    p.set_defaults(run=cmd_study)
 
     p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
     _add_model_args(p)

@@ -1,0 +1,95 @@
+"""Method-development tables: every configuration a store holds, each against chosen baselines.
+
+`fasp-bench report` pages one run; a study (an ablation, a calibration-size sweep) is many runs, often in
+several stores (one `--work-dir` per calibration size). This merges the models of every run record of each
+store, tags each store's rows (`runs/calib16/results.jsonl=16`), and writes one table per metric: the value
+with its interval and the paired difference against each baseline method at the same sparsity and tag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import BenchError
+from .report import (
+    DATASET_NAMES,
+    Items,
+    _acc_text,
+    _interval_text,
+    _ppl_text,
+    _quality_metrics,
+    _tasks,
+    difference,
+    model_table,
+)
+from .store import ResultsStore
+
+
+def merged_run(records: list[dict]) -> dict:
+    """A run record naming every model of every run in `records` (a label's latest fingerprint wins), matching
+    the protocols of the latest run."""
+    runs = [r["result"] for r in records if r["metric"] == "run"]
+    if not runs:
+        raise BenchError("the results file has no run record: produce it with `fasp-bench run`")
+    models = {}
+    for run in runs:
+        for model in run["models"]:
+            models[model["label"]] = model
+    return {**runs[-1], "models": list(models.values())}
+
+
+def load_study(stores: list[str]) -> tuple[pd.DataFrame, dict[tuple[str, str], Items]]:
+    """Rows of every model in every store (`PATH` or `PATH=TAG`), with a `tag` column; per-item data keyed by
+    (tag, label)."""
+    tables, items = [], {}
+    for spec in stores:
+        path, _, tag = spec.partition("=")
+        if not Path(path).is_file():
+            raise BenchError(f"results file {path} does not exist: give the results.jsonl of a fasp-bench run")
+        records = ResultsStore(path).records()
+        table, store_items = model_table(records, {"result": merged_run(records)})
+        table.insert(0, "tag", tag or Path(path).parent.name)
+        tables.append(table)
+        items.update({(table["tag"].iloc[0], label): item for label, item in store_items.items()})
+    return pd.concat(tables, ignore_index=True), items
+
+
+def study_tables(table: pd.DataFrame, items: dict[tuple[str, str], Items], baselines: list[str]) -> str:
+    """Markdown: per metric, one row per (tag, sparsity, configuration) with its value and the paired
+    difference against each baseline (`*`: the 95% interval excludes zero)."""
+    tagged = table["tag"].nunique() > 1
+    sections = []
+    for metric in _quality_metrics(table):
+        ppl = metric.startswith("ppl ")
+        dense = table[(table["method"] == "dense") & table[metric].notna()]
+        name = DATASET_NAMES.get(metric[4:], metric[4:]) if ppl else "mean zero-shot accuracy (%)"
+        header = f"### {name}"
+        if len(dense):
+            text = _ppl_text(dense.iloc[0], metric) if ppl else _acc_text(dense.iloc[0], metric)
+            header += f", dense: {text}"
+        columns = (["tag"] if tagged else []) + ["sparsity", "configuration",
+                                                 "perplexity [95%]" if ppl else "accuracy ± SE"]
+        columns += [f"Δ {'log-ppl' if ppl else 'points'} vs {b}" for b in baselines]
+        rows = []
+        pruned = table[(table["method"] != "dense") & table[metric].notna()]
+        for (tag, sparsity), group in pruned.groupby(["tag", "sparsity"], sort=True):
+            reference = {m: r for m, r in ((r["method"], r) for _, r in group.iterrows()) if m in baselines}
+            for _, row in group.iterrows():
+                cells = ([tag] if tagged else []) + [f"{sparsity:.0%}", row["method"],
+                                                     _ppl_text(row, metric) if ppl else _acc_text(row, metric)]
+                for baseline in baselines:
+                    other = reference.get(baseline)
+                    if other is None or other["model"] == row["model"]:
+                        cells.append("")
+                        continue
+                    d = difference(items[(tag, row["model"])], items[(tag, other["model"])], metric, _tasks(table))
+                    cells.append(_interval_text(d, "+.3f") if ppl else _interval_text(d, "+.1f", 100))
+                    cells[-1] += " *" if d is not None and d.resolved else ""
+                rows.append(cells)
+        sections += [header, "", pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True),
+                     ""]
+    if not sections:
+        raise BenchError("the results hold no perplexity or zero-shot measurement to tabulate")
+    return "\n".join(sections)

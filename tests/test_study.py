@@ -1,0 +1,72 @@
+"""`fasp-bench study`: the models of several runs and stores in one table, each row paired with the baselines."""
+
+import math
+import re
+
+from fasp_bench.cli import main
+from fasp_bench.store import ResultsStore
+
+PPL_MATCH = {"seqlen": 8, "dtype": "float32", "device": "cpu"}
+
+
+def _run(store: ResultsStore, nll_by_method: dict[str, list[float]], sparsity: float = 0.2) -> None:
+    """One run record naming dense and the given methods, each with its perplexity record."""
+    models = [{"label": "dense", "fingerprint": "dense", "sparsity_realised": 0.0, "model_sparsity_realised": 0.0}]
+    for method, nll in nll_by_method.items():
+        fp = f"{method}@{sparsity}"
+        store.add(fp, "perplexity", {"dataset": "wikitext2", **PPL_MATCH},
+                  {"ppl": math.exp(sum(nll) / len(nll)), "window_nll": nll})
+        if method != "dense":
+            models.append({"label": f"{method}-{sparsity:g}", "method": method, "sparsity": sparsity, "fingerprint": fp,
+                           "params": 90, "sparsity_realised": sparsity, "model_sparsity_realised": 0.1,
+                           "prune_seconds": 1.0})
+        else:
+            models[0]["fingerprint"] = fp
+    store.add("-", "run", {"methods": list(nll_by_method)},
+              {"models": models, "ppl_match": PPL_MATCH, "zeroshot_match": {}, "serve_match": {"prompts": -1}})
+
+
+def _row(text: str, configuration: str, tag: str = "") -> list[str]:
+    line = next(line for line in text.splitlines()
+                if re.search(rf"\| {re.escape(configuration)} +\|", line) and (not tag or line.startswith(f"| {tag} ")))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_study_merges_runs_and_pairs_each_row_with_each_baseline(tmp_path, capsys):
+    base = [3.0 + 0.4 * math.sin(i) for i in range(30)]
+    store = ResultsStore(tmp_path / "a" / "results.jsonl")
+    # two runs in one store: the baselines in the first, the variants in the second (an ablation grows this way)
+    _run(store, {"dense": [x - 1 for x in base], "fasp": base, "flap": [x + 0.1 for x in base]})
+    _run(store, {"dense": [x - 1 for x in base], "fasp-plus": [x - 0.2 + 0.01 * math.cos(5 * i)
+                                                               for i, x in enumerate(base)],
+                 "fasp-plus:widths=uniform": [x + 0.01 * math.cos(3 * i) for i, x in enumerate(base)]})
+    assert main(["study", str(store.path), "--against", "fasp", "flap"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("### WikiText-2, dense: ")
+    # oracle: over the same windows, a paired log-ppl difference is the mean of the window differences
+    plus = _row(text, "fasp-plus")
+    assert plus[0] == "20%" and plus[3].startswith("-0.200 [") and plus[3].endswith("*")
+    assert plus[4].startswith("-0.300 [") and plus[4].endswith("*")
+    uniform = _row(text, "fasp-plus:widths=uniform")
+    assert uniform[3].startswith("+0.000 [") and not uniform[3].endswith("*")  # no difference: not resolved
+    fasp = _row(text, "fasp")
+    assert fasp[3] == "" and fasp[4].startswith("-0.100 [")  # no row is paired with itself
+    assert f"{math.exp(sum(base) / len(base)):.2f} [" in fasp[2]
+
+
+def test_study_tags_stores_and_pairs_only_within_a_tag(tmp_path, capsys):
+    base = [2.0 + 0.3 * math.cos(i) for i in range(20)]
+    small, large = ResultsStore(tmp_path / "n16" / "results.jsonl"), ResultsStore(tmp_path / "n64" / "results.jsonl")
+    _run(small, {"dense": base, "fasp": [x + 0.5 for x in base], "fasp-plus": [x + 0.4 for x in base]})
+    _run(large, {"dense": base, "fasp": [x + 0.3 for x in base], "fasp-plus": [x + 0.25 for x in base]})
+    assert main(["study", f"{small.path}=16", f"{large.path}=64", "--against", "fasp",
+                 "--out", str(tmp_path / "study.md")]) == 0
+    text = (tmp_path / "study.md").read_text()
+    assert _row(text, "fasp-plus", "16")[4].startswith("-0.100 [")
+    assert _row(text, "fasp-plus", "64")[4].startswith("-0.050 [")  # paired with the 64-window fasp, not the other
+
+
+def test_study_refuses_a_missing_file_in_one_line(tmp_path, capsys):
+    assert main(["study", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fasp-bench: error: results file") and "does not exist" in err and "\n" not in err
