@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
                    serve=not args.no_serve, dtype=args.dtype, device=args.device, round_to=args.round_to,
                    tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
                    nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
-                   tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)))
+                   tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -135,7 +135,7 @@ def cmd_report(args) -> int:
 
 def cmd_study(args) -> int:
     table, items = load_study(args.results)
-    text = study_tables(table, items, args.against)
+    text = study_tables(table, items, args.against, args.tasks)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"study: {args.out}")
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", help="comma-separated perplexity sets instead of the profile's: wikitext2, c4, c4-calval "
                                  "(calibration-side, for choosing settings), or none")
     p.add_argument("--zeroshot", help="comma-separated lm-eval tasks instead of the profile's, 'all' or none")
+    p.add_argument("--limit", type=int, help="zero-shot documents per task instead of the profile's (the first N)")
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("report", help="rebuild the report from a results file")
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "runs/calib16/results.jsonl=16")
     p.add_argument("--against", nargs="+", default=["fasp", "flap", "wanda-sp"],
                    help="baseline methods (specs as in run --methods) each row is paired with")
+    p.add_argument("--tasks", nargs="+", help="zero-shot tasks the mean accuracy and its differences cover "
+                                              "(default: every task in the results)")
     p.add_argument("--out", help="write the markdown here instead of printing it")
     p.set_defaults(run=cmd_study)
 

@@ -88,6 +88,7 @@ class RunPlan:
     nsamples: int | None = None  # calibration windows; None: the profile's (a calibration-size study)
     ppl: tuple[str, ...] | None = None  # perplexity sets; None: the profile's
     tasks: tuple[str, ...] | None = None  # zero-shot tasks; None: the profile's
+    limit: int | None = None  # zero-shot documents per task; None: the profile's
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -101,6 +102,8 @@ class RunPlan:
             raise BenchError(f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})")
         if self.nsamples is not None and self.nsamples < 1:
             raise BenchError(f"--nsamples must be at least 1 (got {self.nsamples})")
+        if self.limit is not None and self.limit < 1:
+            raise BenchError(f"--limit must be at least 1 document per task (got {self.limit})")
         self.methods = list(dict.fromkeys(method_spec(*parse_method_spec(m)) for m in self.methods))
         if not self.sparsities:
             raise BenchError("no sparsities given: --sparsities takes values in (0, 1), e.g. 0.1 0.2 0.3")
@@ -119,7 +122,8 @@ class RunPlan:
     @property
     def profile_settings(self) -> Profile:
         """The profile, with the sets and tasks the plan names instead of its own."""
-        overrides = {k: v for k, v in (("ppl", self.ppl), ("tasks", self.tasks)) if v is not None}
+        overrides = {k: v for k, v in (("ppl", self.ppl), ("tasks", self.tasks), ("limit", self.limit))
+                     if v is not None}
         return replace(PROFILES[self.profile], **overrides)
 
 

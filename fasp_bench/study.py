@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import stats
 from .errors import BenchError
 from .report import (
     DATASET_NAMES,
+    TASK_NAMES,
     Items,
     _acc_text,
     _interval_text,
@@ -56,15 +58,45 @@ def load_study(stores: list[str]) -> tuple[pd.DataFrame, dict[tuple[str, str], I
     return pd.concat(tables, ignore_index=True), items
 
 
-def study_tables(table: pd.DataFrame, items: dict[tuple[str, str], Items], baselines: list[str]) -> str:
+def _restrict_tasks(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """The table with its mean accuracy (and standard error) over `tasks` only."""
+    unknown = sorted(set(tasks) - set(_tasks(table)))
+    if unknown:
+        raise BenchError(f"no zero-shot results for task(s) {', '.join(unknown)}: the results hold "
+                         f"{', '.join(_tasks(table)) or 'none'}")
+    table = table.drop(columns=[c for c in table.columns
+                                if c.startswith("acc ") and c != "acc mean" and c.split()[1] not in tasks])
+    table["acc mean"] = table[[f"acc {t}" for t in tasks]].mean(axis=1, skipna=False)
+    se = table[[f"acc {t} se" for t in tasks]] if all(f"acc {t} se" in table for t in tasks) else None
+    table["acc mean se"] = (None if se is None else [stats.mean_accuracy_stderr(list(r)) if r.notna().all() else None
+                                                     for _, r in se.iterrows()])
+    return table
+
+
+def _task_table(table: pd.DataFrame) -> str:
+    """Every configuration's accuracy per task (dense first), to see which task moves a mean."""
+    tasks = _tasks(table)
+    rows = [[row["tag"], f"{row['sparsity']:.0%}", row["method"], *(_acc_text(row, f"acc {t}") for t in tasks)]
+            for _, row in table.dropna(subset=["acc mean"]).iterrows()]
+    columns = ["tag", "sparsity", "configuration", *(TASK_NAMES.get(t, t) for t in tasks)]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame = frame.drop(columns="tag") if table["tag"].nunique() == 1 else frame
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+def study_tables(table: pd.DataFrame, items: dict[tuple[str, str], Items], baselines: list[str],
+                 tasks: list[str] | None = None) -> str:
     """Markdown: per metric, one row per (tag, sparsity, configuration) with its value and the paired
-    difference against each baseline (`*`: the 95% interval excludes zero)."""
+    difference against each baseline (`*`: the 95% interval excludes zero); then accuracy per task. `tasks`
+    restricts the zero-shot mean (and its paired differences) to those tasks."""
+    table = _restrict_tasks(table, tasks) if tasks else table
     tagged = table["tag"].nunique() > 1
     sections = []
     for metric in _quality_metrics(table):
         ppl = metric.startswith("ppl ")
         dense = table[(table["method"] == "dense") & table[metric].notna()]
-        name = DATASET_NAMES.get(metric[4:], metric[4:]) if ppl else "mean zero-shot accuracy (%)"
+        name = (DATASET_NAMES.get(metric[4:], metric[4:]) if ppl else
+                f"mean zero-shot accuracy (%) over {', '.join(TASK_NAMES.get(t, t) for t in _tasks(table))}")
         header = f"### {name}"
         if len(dense):
             text = _ppl_text(dense.iloc[0], metric) if ppl else _acc_text(dense.iloc[0], metric)
@@ -92,4 +124,6 @@ def study_tables(table: pd.DataFrame, items: dict[tuple[str, str], Items], basel
                      ""]
     if not sections:
         raise BenchError("the results hold no perplexity or zero-shot measurement to tabulate")
+    if "acc mean" in _quality_metrics(table):
+        sections += ["### zero-shot accuracy per task (% ± SE)", "", _task_table(table), ""]
     return "\n".join(sections)

@@ -149,6 +149,14 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
     again = [json.loads(line) for line in store.read_text().splitlines()]
     assert again[: len(records)] == records and [r["metric"] for r in again[len(records):]] == ["run"]
 
+    # --limit replaces the minimal profile's 2 documents per task; the checkpoints are reused
+    code, _, err = cli(*args[:-1], "arc_easy", "--limit", "3", data=data_root)
+    assert code == 0, err
+    added = [json.loads(line) for line in store.read_text().splitlines()][len(again):]
+    shots = [r for r in added if r["metric"] == "zeroshot"]
+    assert {r["metric"] for r in added} == {"zeroshot", "run"} and len(shots) == 3  # dense and both checkpoints
+    assert all(r["protocol"]["limit"] == 3 and len(r["result"]["doc_acc"]) == 3 for r in shots)
+
 
 @pytest.mark.parametrize(
     "extra, message",
@@ -162,6 +170,7 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--profile", "huge"), "unknown profile 'huge'"),
         (("--out", "FILE/reports"), "is not writable"),
         (("--nsamples", "0"), "--nsamples must be at least 1"),
+        (("--limit", "0"), "--limit must be at least 1 document per task"),
         (("--ppl", "wikitext3"), "unknown perplexity set 'wikitext3'"),
         (("--zeroshot", "arc_hard"), "unknown zero-shot task 'arc_hard'"),
     ],

@@ -2,8 +2,10 @@
 
 import math
 import re
+from pathlib import Path
 
 from fasp_bench.cli import main
+from fasp_bench.report import model_table
 from fasp_bench.store import ResultsStore
 
 PPL_MATCH = {"seqlen": 8, "dtype": "float32", "device": "cpu"}
@@ -70,3 +72,22 @@ def test_study_refuses_a_missing_file_in_one_line(tmp_path, capsys):
     assert main(["study", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fasp-bench: error: results file") and "does not exist" in err and "\n" not in err
+
+
+def test_study_restricts_the_zero_shot_mean_to_chosen_tasks(capsys):
+    items = Path(__file__).parent / "data" / "results_items.jsonl"  # a real run with per-document correctness
+    table, _ = model_table(ResultsStore(items).records())
+    fasp = table.set_index("model").loc["fasp-0.2"]  # the first fasp row of the study
+    assert main(["study", str(items), "--against", "flap", "--tasks", "piqa", "arc_easy"]) == 0
+    text = capsys.readouterr().out
+    assert "mean zero-shot accuracy (%) over PIQA, ARC-e, dense: " in text
+    mean = (fasp["acc piqa"] + fasp["acc arc_easy"]) / 2  # oracle: the two tasks' accuracies from the report
+    se = math.hypot(fasp["acc piqa se"], fasp["acc arc_easy se"]) / 2
+    section = text.split("### mean zero-shot")[1].split("###")[0]
+    assert _row(section, "fasp")[2] == f"{mean * 100:.1f} ± {se * 100:.1f}"
+    per_task = text.split("### zero-shot accuracy per task")[1]
+    assert "| PIQA " in per_task and "BoolQ" not in per_task
+
+    assert main(["study", str(items), "--tasks", "piqa", "hellaswag"]) == 2
+    err = capsys.readouterr().err
+    assert "no zero-shot results for task(s) hellaswag" in err and len(err.strip().splitlines()) == 1
