@@ -134,7 +134,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_study(args) -> int:
-    table, items = load_study(args.results)
+    table, items = load_study(args.results, args.limit)
     text = study_tables(table, items, args.against, args.tasks)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline methods (specs as in run --methods) each row is paired with")
     p.add_argument("--tasks", nargs="+", help="zero-shot tasks the mean accuracy and its differences cover "
                                               "(default: every task in the results)")
+    p.add_argument("--limit", type=int, help="zero-shot records scored on the first N documents per task "
+                                             "(default: the latest run's count)")
     p.add_argument("--out", help="write the markdown here instead of printing it")
     p.set_defaults(run=cmd_study)
 

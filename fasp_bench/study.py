@@ -42,16 +42,20 @@ def merged_run(records: list[dict]) -> dict:
     return {**runs[-1], "models": list(models.values())}
 
 
-def load_study(stores: list[str]) -> tuple[pd.DataFrame, dict[tuple[str, str], Items]]:
+def load_study(stores: list[str], limit: int | None = None) -> tuple[pd.DataFrame, dict[tuple[str, str], Items]]:
     """Rows of every model in every store (`PATH` or `PATH=TAG`), with a `tag` column; per-item data keyed by
-    (tag, label)."""
+    (tag, label). `limit`: the zero-shot records scored on that many documents per task (default: the latest
+    run's count)."""
     tables, items = [], {}
     for spec in stores:
         path, _, tag = spec.partition("=")
         if not Path(path).is_file():
             raise BenchError(f"results file {path} does not exist: give the results.jsonl of a fasp-bench run")
         records = ResultsStore(path).records()
-        table, store_items = model_table(records, {"result": merged_run(records)})
+        run = merged_run(records)
+        if limit is not None:
+            run["zeroshot_match"] = {**run["zeroshot_match"], "limit": limit}
+        table, store_items = model_table(records, {"result": run})
         table.insert(0, "tag", tag or Path(path).parent.name)
         tables.append(table)
         items.update({(table["tag"].iloc[0], label): item for label, item in store_items.items()})

@@ -91,3 +91,14 @@ def test_study_restricts_the_zero_shot_mean_to_chosen_tasks(capsys):
     assert main(["study", str(items), "--tasks", "piqa", "hellaswag"]) == 2
     err = capsys.readouterr().err
     assert "no zero-shot results for task(s) hellaswag" in err and len(err.strip().splitlines()) == 1
+
+
+def test_study_limit_selects_the_zero_shot_records_of_that_document_count(capsys):
+    items = Path(__file__).parent / "data" / "results_items.jsonl"  # zero-shot scored on 20 documents per task
+    assert main(["study", str(items)]) == 0
+    default = capsys.readouterr().out
+    assert main(["study", str(items), "--limit", "20"]) == 0
+    assert capsys.readouterr().out == default and "### mean zero-shot" in default
+    assert main(["study", str(items), "--limit", "7"]) == 0  # no records at 7: perplexity only
+    text = capsys.readouterr().out
+    assert "### WikiText-2" in text and "zero-shot" not in text
