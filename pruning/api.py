@@ -204,7 +204,7 @@ def _score_on_dense_activations(pruner: PruningMethod, adapter: ArchAdapter, lay
         blocks.load(i, layer)
         couplings = adapter.couplings(layer, pruner.attention_unit)
         stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], with_gram, advance=True,
-                                    relative=pruner.relative_allocation)
+                                    relative=pruner.relative_allocation, output_norms=dict(adapter.family.output_norms))
         scores, allocation, costs = {}, {}, {c.name: c.unit_cost(layer) for c in couplings}
         for c in couplings:
             consumer = layer.get_submodule(c.consumer)

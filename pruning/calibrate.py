@@ -217,21 +217,29 @@ class InputStats:
 @torch.no_grad()
 def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str], with_gram: bool,
                         advance: bool = False, dense_inputs: BlockInputs | None = None,
-                        folds: int = 1, relative: bool = False) -> dict[str, InputStats]:
+                        folds: int = 1, relative: bool = False,
+                        output_norms: dict[str, str] | None = None) -> dict[str, InputStats]:
     """One pass of the (unpruned) block over all inputs, accumulating statistics of each named linear's
     input. With `advance`, the inputs are replaced by the block's outputs in the same pass. With
     `dense_inputs` (the same windows' inputs in the dense model), the block runs on those too, which also
     advances them, and each linear's statistics pair its input with its dense-model input. With `relative`,
-    each token's input is also weighed against the block input's norm at that token (`relative_sq_sum`)."""
+    each token's input is also weighed against the block input's norm at that token (`relative_sq_sum`);
+    a linear named in `output_norms` (linear -> norm module) is weighed by that norm's gain at the token too,
+    ||norm(y_t)||^2 / ||y_t||^2 for its output y, since the norm rescales what the linear adds to the stream."""
     stats = {name: InputStats(with_gram, folds) for name in linears}
     seen: dict[str, torch.Tensor] = {}  # each linear's input in the pass just run
     handles = [block.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, name=name: seen.__setitem__(name, args[0])) for name in linears]
+    gains: dict[str, torch.Tensor] = {}  # per token: the output norm's squared gain, in the pass just run
+    norms = {linear: norm for linear, norm in (output_norms or {}).items() if relative and linear in linears}
+    handles += [block.get_submodule(norm).register_forward_hook(
+        lambda _m, args, out, name=linear: gains.__setitem__(name, _squared_gain(args[0], out)))
+        for linear, norm in norms.items()]
     try:
         dense_batches = dense_inputs.batches() if dense_inputs is not None else None
         for i, (hidden, kwargs) in enumerate(inputs.batches()):
             out = block(hidden, **kwargs)
-            pruned_seen = dict(seen)
+            pruned_seen, pruned_gains = dict(seen), dict(gains)
             dense_seen: dict[str, torch.Tensor | None] = dict.fromkeys(linears)
             if dense_batches is not None:
                 dense_hidden, dense_kwargs = next(dense_batches)
@@ -239,14 +247,19 @@ def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str
                 dense_seen = dict(seen)
             residual_sq = hidden.float().square().sum(-1).clamp_min(1e-30) if relative else None
             for name in linears:  # some families (OPT) flatten windows before a linear: give the count
-                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0],
-                                   residual_sq=residual_sq)
+                weight = residual_sq / pruned_gains[name] if name in norms else residual_sq
+                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0], residual_sq=weight)
             if advance:
                 inputs.hidden[i] = _first(out).to(inputs.storage)
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+def _squared_gain(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per token, how much a norm scales the energy of its input: ||out_t||^2 / ||x_t||^2."""
+    return (out.float().square().sum(-1) / x.float().square().sum(-1).clamp_min(1e-30)).clamp_min(1e-30)
 
 
 def _first(out):

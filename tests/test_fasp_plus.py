@@ -107,3 +107,24 @@ def test_bad_options_are_refused_in_one_line(spec, message, tiny_model_dirs, dat
                        "--nsamples", "4", "--seqlen", "32", "--out", out, data=data_root)
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not out.exists()
+
+
+def test_adaptive_widths_see_through_an_output_norm(calibration):
+    """Gemma-3 normalizes each sublayer's output before the residual add, so scaling a layer's o_proj or
+    down_proj changes nothing the model computes; the widths must not change either. Oracle: the same model
+    with every consumer rescaled by a different power of ten per layer (the function stays the same)."""
+    model, rescaled = tiny_family("gemma3"), tiny_family("gemma3")
+    tokens = calibration[:2]
+    with torch.no_grad():
+        for m in (model, rescaled):  # random-init outputs are so small that the norms' eps would matter
+            for layer in m.model.layers:
+                layer.mlp.down_proj.weight.mul_(1e3)
+                layer.self_attn.o_proj.weight.mul_(1e3)
+        for i, layer in enumerate(rescaled.model.layers):
+            layer.mlp.down_proj.weight.mul_(10.0 ** i)
+            layer.self_attn.o_proj.weight.mul_(10.0 ** (2 - i))
+        assert torch.allclose(rescaled(tokens).logits, model(tokens).logits, atol=1e-5)  # the oracle holds
+    plans = [pruning.prune(m, "fasp-plus", 0.3, calibration, progress=False).metadata["layers"]
+             for m in (model, rescaled)]
+    assert plans[0] == plans[1]
+    assert len(set(plans[0]["ffn_widths"])) > 1 or len(set(plans[0]["v_head_dims"])) > 1  # an adaptive plan

@@ -53,6 +53,9 @@ class Family:
     qk_norms: tuple[str, ...] = ()
     # attention attributes that hold the query-head count and must follow it per layer (OPT's num_heads)
     head_count_attrs: tuple[str, ...] = ()
+    # (consumer, norm): a norm between a consumer's output and the residual add (Gemma-3's post-attention and
+    # post-FFN norms), which rescales what the consumer adds to the residual stream token by token
+    output_norms: tuple[tuple[str, str], ...] = ()
 
     @property
     def project_model_type(self) -> str:

@@ -15,7 +15,12 @@ did not help there and is off by default.
   sum_t x_tj^2 ||W_:j||^2 / ||h_t||^2 (h_t: the block's input; the error of removing the unit alone, unrestored,
   as a fraction of the stream it is added to), per parameter removed. Per token, because a few tokens carry
   massive residual norms deeper in the model: normalizing by the total energy instead emptied SmolLM2's
-  middle layers. "uniform" removes the same fraction everywhere, as `fasp` does.
+  middle layers. Where a norm sits between the consumer and the residual add (Gemma-3's post-attention and
+  post-FFN norms; the family adapter says where), each token also counts that norm's gain
+  ||norm(y_t)||^2 / ||y_t||^2 on the consumer's output y_t: the norm, not W, sets what reaches the stream
+  (on Gemma-3-270M its mean over 512 calibration tokens runs from 0.4 to 2e9 across layers; without it the
+  plan emptied the last five FFNs).
+  "uniform" removes the same fraction everywhere, as `fasp` does.
 """
 
 from __future__ import annotations
