@@ -81,7 +81,7 @@ def _task_table(table: pd.DataFrame) -> str:
     """Every configuration's accuracy per task (dense first), to see which task moves a mean."""
     tasks = _tasks(table)
     rows = [[row["tag"], f"{row['sparsity']:.0%}", row["method"], *(_acc_text(row, f"acc {t}") for t in tasks)]
-            for _, row in table.dropna(subset=["acc mean"]).iterrows()]
+            for _, row in table.dropna(subset=["acc mean"]).sort_values(["tag", "sparsity"], kind="stable").iterrows()]
     columns = ["tag", "sparsity", "configuration", *(TASK_NAMES.get(t, t) for t in tasks)]
     frame = pd.DataFrame(rows, columns=columns)
     frame = frame.drop(columns="tag") if table["tag"].nunique() == 1 else frame
