@@ -3,7 +3,8 @@
 Each ingredient is an option, so a comparison can ablate it (`fasp-plus:widths=uniform`). The defaults are the
 ingredients that helped on calibration-side data (c4-calval, SmolLM2 at 20% and 30%, 64 x 512 calibration; the
 README's FASP-plus section has the table): adaptive widths, the intercept and held-out damping. The dense target
-did not help there and is off by default.
+did not help there and is off by default. On Gemma-3-270M adaptive widths hurt, on c4-calval too: use
+`widths=uniform` there (README).
 - target: "pruned" is the paper's target; "dense" refits each consumer onto the dense model's output on the
   same tokens, which also corrects the error earlier blocks carried in (`pruning.restoration`).
 - intercept: fit the consumer's bias jointly (a constant input column); it absorbs inputs that were constant,
