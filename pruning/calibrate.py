@@ -245,10 +245,11 @@ def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str
                 dense_hidden, dense_kwargs = next(dense_batches)
                 dense_inputs.hidden[i] = _first(block(dense_hidden, **dense_kwargs)).to(dense_inputs.storage)
                 dense_seen = dict(seen)
-            residual_sq = hidden.float().square().sum(-1).clamp_min(1e-30) if relative else None
+            residual_sq = _token_energy(hidden).clamp_min(1e-30) if relative else None
             for name in linears:  # some families (OPT) flatten windows before a linear: give the count
-                weight = residual_sq / pruned_gains[name] if name in norms else residual_sq
-                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0], residual_sq=weight)
+                # an output norm's gain g scales what reaches the stream: x^2 * g / ||h||^2 = x^2 / (||h||^2 / g)
+                stream_sq = residual_sq / pruned_gains[name] if name in norms else residual_sq
+                stats[name].update(pruned_seen[name], dense_seen[name], windows=hidden.shape[0], residual_sq=stream_sq)
             if advance:
                 inputs.hidden[i] = _first(out).to(inputs.storage)
     finally:
@@ -257,9 +258,14 @@ def collect_input_stats(block: nn.Module, inputs: BlockInputs, linears: list[str
     return stats
 
 
+def _token_energy(x: torch.Tensor) -> torch.Tensor:
+    """||x_t||^2 per token (in float32: a bf16 sum of squares loses the small tokens)."""
+    return x.float().square().sum(-1)
+
+
 def _squared_gain(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Per token, how much a norm scales the energy of its input: ||out_t||^2 / ||x_t||^2."""
-    return (out.float().square().sum(-1) / x.float().square().sum(-1).clamp_min(1e-30)).clamp_min(1e-30)
+    return (_token_energy(out) / _token_energy(x).clamp_min(1e-30)).clamp_min(1e-30)
 
 
 def _first(out):
