@@ -119,7 +119,8 @@ def cmd_run(args) -> int:
                    serve=not args.no_serve, dtype=args.dtype, device=args.device, round_to=args.round_to,
                    tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
                    nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
-                   tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit)
+                   tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit,
+                   max_windows=args.max_windows)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(calibration-side, for choosing settings), or none")
     p.add_argument("--zeroshot", help="comma-separated lm-eval tasks instead of the profile's, 'all' or none")
     p.add_argument("--limit", type=int, help="zero-shot documents per task instead of the profile's (the first N)")
+    p.add_argument("--max-windows", type=int, help="perplexity windows per set instead of the profile's (the first N)")
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("report", help="rebuild the report from a results file")

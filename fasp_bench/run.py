@@ -63,6 +63,12 @@ PROFILES = {
     "ablation": Profile(nsamples=64, calibration_seqlen=512, ppl_seqlen=512, max_windows=100, limit=100,
                         tasks=ALL_TASKS, ppl=("c4-calval", "wikitext2", "c4"),
                         serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3)),
+    # The four-model comparison (issue 24): 64 x 512 calibration, 100 windows of 512 per test set, 500 documents of
+    # five tasks (BoolQ left out: on the small models its first documents reward a majority-class "yes"), serving at
+    # the standard lengths. For a 1.5B model on a 2-core CPU: --nsamples 32 --max-windows 40 --limit 200.
+    "models": Profile(nsamples=64, calibration_seqlen=512, ppl_seqlen=512, max_windows=100, limit=500,
+                      tasks=("piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa"),
+                      serve=ServeProtocol(prompts=16, input_len=128, output_len=64, repeats=3)),
     # For tests on tiny random-init models.
     "minimal": Profile(nsamples=4, calibration_seqlen=32, ppl_seqlen=32, max_windows=2, limit=2, tasks=("arc_easy",),
                        serve=ServeProtocol(prompts=2, input_len=8, output_len=4, repeats=2)),
@@ -89,6 +95,7 @@ class RunPlan:
     ppl: tuple[str, ...] | None = None  # perplexity sets; None: the profile's
     tasks: tuple[str, ...] | None = None  # zero-shot tasks; None: the profile's
     limit: int | None = None  # zero-shot documents per task; None: the profile's
+    max_windows: int | None = None  # perplexity windows per set; None: the profile's
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -104,6 +111,8 @@ class RunPlan:
             raise BenchError(f"--nsamples must be at least 1 (got {self.nsamples})")
         if self.limit is not None and self.limit < 1:
             raise BenchError(f"--limit must be at least 1 document per task (got {self.limit})")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise BenchError(f"--max-windows must be at least 1 window per set (got {self.max_windows})")
         self.methods = list(dict.fromkeys(method_spec(*parse_method_spec(m)) for m in self.methods))
         if not self.sparsities:
             raise BenchError("no sparsities given: --sparsities takes values in (0, 1), e.g. 0.1 0.2 0.3")
@@ -122,8 +131,8 @@ class RunPlan:
     @property
     def profile_settings(self) -> Profile:
         """The profile, with the sets and tasks the plan names instead of its own."""
-        overrides = {k: v for k, v in (("ppl", self.ppl), ("tasks", self.tasks), ("limit", self.limit))
-                     if v is not None}
+        overrides = {k: v for k, v in (("ppl", self.ppl), ("tasks", self.tasks), ("limit", self.limit),
+                                       ("max_windows", self.max_windows)) if v is not None}
         return replace(PROFILES[self.profile], **overrides)
 
 

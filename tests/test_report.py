@@ -157,6 +157,13 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
     assert {r["metric"] for r in added} == {"zeroshot", "run"} and len(shots) == 3  # dense and both checkpoints
     assert all(r["protocol"]["limit"] == 3 and len(r["result"]["doc_acc"]) == 3 for r in shots)
 
+    # --max-windows replaces the minimal profile's 2 windows per perplexity set
+    code, _, err = cli(*args, "--max-windows", "1", data=data_root)
+    assert code == 0, err
+    scored = [json.loads(line) for line in store.read_text().splitlines()][len(again) + len(added):]
+    windows = [r for r in scored if r["metric"] == "perplexity"]
+    assert len(windows) == 3 and all(len(r["result"]["window_nll"]) == 1 for r in windows)
+
 
 @pytest.mark.parametrize(
     "extra, message",
@@ -171,6 +178,7 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--out", "FILE/reports"), "is not writable"),
         (("--nsamples", "0"), "--nsamples must be at least 1"),
         (("--limit", "0"), "--limit must be at least 1 document per task"),
+        (("--max-windows", "0"), "--max-windows must be at least 1 window per set"),
         (("--ppl", "wikitext3"), "unknown perplexity set 'wikitext3'"),
         (("--zeroshot", "arc_hard"), "unknown zero-shot task 'arc_hard'"),
     ],
