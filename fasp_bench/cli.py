@@ -25,7 +25,7 @@ from .report import write_report
 from .run import PROFILES, RunPlan, run
 from .serving.bench import ENGINES, ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
 from .store import STORE_FILE, ResultsStore
-from .study import load_study, study_tables
+from .study import load_study, study_tables, summary_table
 from .zeroshot import ALL_TASKS, resolve_tasks
 
 
@@ -136,7 +136,7 @@ def cmd_report(args) -> int:
 
 def cmd_study(args) -> int:
     table, items = load_study(args.results, args.limit)
-    text = study_tables(table, items, args.against, args.tasks)
+    text = summary_table(table, args.tasks) if args.summary else study_tables(table, items, args.against, args.tasks)
     if args.out:
         Path(args.out).write_text(text + "\n")
         print(f"study: {args.out}")
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default: every task in the results)")
     p.add_argument("--limit", type=int, help="zero-shot records scored on the first N documents per task "
                                              "(default: the latest run's count)")
+    p.add_argument("--summary", action="store_true",
+                   help="one table across the stores (one per model): perplexities, zero-shot mean, realised "
+                        "sparsity, prune seconds and the vLLM speed-up of every configuration")
     p.add_argument("--out", help="write the markdown here instead of printing it")
     p.set_defaults(run=cmd_study)
 

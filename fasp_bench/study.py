@@ -22,6 +22,7 @@ from .report import (
     _interval_text,
     _ppl_text,
     _quality_metrics,
+    _speedup_text,
     _tasks,
     difference,
     model_table,
@@ -131,3 +132,30 @@ def study_tables(table: pd.DataFrame, items: dict[tuple[str, str], Items], basel
     if "acc mean" in _quality_metrics(table):
         sections += ["### zero-shot accuracy per task (% ± SE)", "", _task_table(table), ""]
     return "\n".join(sections)
+
+
+def summary_table(table: pd.DataFrame, tasks: list[str] | None = None) -> str:
+    """Markdown: one row per (tag, sparsity, configuration), dense first within each tag, with both perplexities
+    and their intervals, the zero-shot mean (over `tasks`) with its standard error, the realised sparsity of the
+    prunable parameters and of the whole model, prune seconds and the vLLM speed-up over the tag's dense model
+    with its range over repeats (the cross-model table: one tag per model's store)."""
+    table = _restrict_tasks(table, tasks) if tasks else table
+    ppl = [c for c in _quality_metrics(table) if c.startswith("ppl ")]
+    columns = ["model", "sparsity", "method", *(f"{DATASET_NAMES.get(m[4:], m[4:])} ppl [95%]" for m in ppl)]
+    if "acc mean" in table and table["acc mean"].notna().any():
+        columns.append(f"mean acc (%) ± SE, {', '.join(TASK_NAMES.get(t, t) for t in _tasks(table))}")
+    columns += ["sparsity realised, prunable / whole (%)", "prune s", "vLLM speed-up (range)"]
+    rows = []
+    for tag, group in table.groupby("tag", sort=False):
+        order = group.assign(_dense=group["method"] != "dense").sort_values(["_dense", "sparsity"], kind="stable")
+        for _, row in order.iterrows():
+            cells = [tag, f"{row['sparsity']:.0%}", row["method"], *(_ppl_text(row, m) or "" for m in ppl)]
+            if len(columns) > len(cells) + 3:
+                cells.append(_acc_text(row, "acc mean") or "")
+            dense = row["method"] == "dense"
+            realised = f"{row['sparsity_realised'] * 100:.1f} / {row['model_sparsity_realised'] * 100:.1f}"
+            cells.append("-" if dense else realised)
+            cells.append("-" if dense or pd.isna(row.get("prune_seconds")) else f"{row['prune_seconds']:.0f}")
+            cells.append((_speedup_text(row) or "") if "speedup" in row else "")
+            rows.append(cells)
+    return pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True)

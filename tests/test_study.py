@@ -102,3 +102,25 @@ def test_study_limit_selects_the_zero_shot_records_of_that_document_count(capsys
     assert main(["study", str(items), "--limit", "7"]) == 0  # no records at 7: perplexity only
     text = capsys.readouterr().out
     assert "### WikiText-2" in text and "zero-shot" not in text
+
+
+def test_summary_puts_every_model_in_one_table_with_its_own_dense_speedup(tmp_path, capsys):
+    base = [2.5 + 0.2 * math.sin(2 * i) for i in range(24)]
+    stores = {}
+    for tag, (dense_tok_s, fasp_tok_s) in {"small": ((95, 100, 105), (125, 130, 135)),
+                                           "large": ((40, 50, 60), (45, 55, 65))}.items():
+        store = stores[tag] = ResultsStore(tmp_path / tag / "results.jsonl")
+        _run(store, {"dense": base, "fasp": [x + 0.3 for x in base]})
+        for fp, (low, median, high) in (("dense@0.2", dense_tok_s), ("fasp@0.2", fasp_tok_s)):
+            store.add(fp, "serving", {"prompts": -1, "repeats": 3},
+                      {"output_tok_s": median, "output_tok_s_min": low, "output_tok_s_max": high})
+    assert main(["study", f"{stores['small'].path}=small", f"{stores['large'].path}=large", "--summary"]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [[cell.strip() for cell in line.split("|")[1:4]] for line in lines] == [
+        ["small", "0%", "dense"], ["small", "20%", "fasp"], ["large", "0%", "dense"], ["large", "20%", "fasp"]]
+    small_fasp = _row(text, "fasp", "small")
+    assert small_fasp[3].startswith(f"{math.exp(sum(base) / len(base) + 0.3):.2f} [")
+    assert small_fasp[4:7] == ["20.0 / 10.0", "1", "1.30x (1.19-1.42)"]  # 130/100; 125/105 to 135/95
+    assert _row(text, "fasp", "large")[6] == "1.10x (0.75-1.62) not resolved"  # against its own dense, 50 tok/s
+    assert _row(text, "dense", "small")[4:7] == ["-", "-", "1.00x (reference)"]
