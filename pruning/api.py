@@ -146,6 +146,7 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
                     scores = {c.name: pruner.unit_scores(c, pruner.column_scores(
                         c, layer.get_submodule(c.consumer).weight, stats[c.consumer])) for c in couplings}
                     kept_units[i] = _cut_layer(pruner, adapter, i, layer, couplings, scores, plan[i], stats)
+                    del stats, scores  # else this block's Gram matrices live on while the next block collects its own
                     run_block(layer, inputs)
                     blocks.release(i, layer, final=True)
                 del inputs, dense_inputs

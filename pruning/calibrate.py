@@ -111,12 +111,24 @@ class _Moments:
         self.sum += x.sum(0).double()
         self.sq_sum += x.square().sum(0).double()
         if with_gram:
-            self.gram += (x.T @ x).double()  # fp32 products per batch (fp64 inputs: fp64), fp64 running sum
+            _add_products(self.gram, x, x)
         if dense is not None:
-            self.cross += (x.T @ dense).double()
+            _add_products(self.cross, x, dense)
             self.dense_sum += dense.sum(0).double()
         if residual_sq is not None:
             self.relative_sq_sum += (x.square() / residual_sq.to(x.dtype)[:, None]).sum(0).double()
+
+
+_PRODUCT_ROWS = 2048  # rows of X^T Y formed at once: a [2048, n] float64 block, not a second [n, n] matrix
+
+
+def _add_products(total: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """total += x^T y: products in x's precision (fp32, or fp64 for fp64 inputs), summed in float64, a block of
+    rows at a time. Forming the whole [n, n] product first would hold it twice more (fp32, then its fp64
+    copy): 1 GB beside the Gram of an 8960-wide FFN input."""
+    for start in range(0, x.shape[1], _PRODUCT_ROWS):
+        rows = slice(start, start + _PRODUCT_ROWS)
+        total[rows] += (x[:, rows].T @ y).double()
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -160,3 +160,25 @@ def test_damping_choice_needs_folds_and_dense_target_needs_dense_inputs():
         restoration.choose_damping(w, None, _stats(x), keep, "pruned", False, "original")
     with pytest.raises(PruningError, match="dense model's inputs"):
         restoration.restore(w, None, _stats(x), keep, target="dense")
+
+
+def test_gram_and_cross_gram_summed_a_block_of_rows_at_a_time_equal_the_whole_products(monkeypatch):
+    from pruning import calibrate
+
+    monkeypatch.setattr(calibrate, "_PRODUCT_ROWS", 7)  # 24 channels: blocks of 7, 7, 7 and 3 rows
+    x, _, _ = _layer_problem()
+    xd = x + 0.1 * torch.randn_like(x)
+    stats = _stats(x, xd)
+    torch.testing.assert_close(stats.gram, x.T @ x)
+    torch.testing.assert_close(stats.cross, x.T @ xd)
+
+
+def test_singular_equations_without_damping_fall_back_to_the_least_norm_fit():
+    """A kept input that is always zero makes G[S, S] singular at damping 0: the in-place factorisation fails,
+    and the fit is the least-norm least-squares solution, as lstsq gives it."""
+    x, w, keep = _layer_problem()
+    x[:, keep[3]] = 0.0
+    restored, _ = restoration.restore(w, None, _stats(x), keep, damping=0.0)
+    reference = torch.linalg.lstsq(x[:, keep], x @ w.T, driver="gelsd").solution.T
+    torch.testing.assert_close(restored, reference, rtol=1e-6, atol=1e-6)
+    assert restored[:, 3].abs().max() < 1e-6  # the dead input gets no weight
