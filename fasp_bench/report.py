@@ -93,6 +93,7 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
         row["weight MB"] = result["weight_bytes"] / 1e6 if "weight_bytes" in result else None
         row["KV tokens"] = result.get("kv_cache_tokens")
         row["peak RSS MB"] = result["peak_rss_bytes"] / 1e6 if "peak_rss_bytes" in result else None
+        row["served as"] = result.get("architecture")  # the project's Pruned* class (plugin) or the stock one
         row["serving error"] = result.get("error")
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -257,6 +258,8 @@ def _human_serving(table: pd.DataFrame) -> pd.DataFrame:
     if "KV ratio" in table:
         out["KV capacity vs dense"] = table["KV ratio"]
     out["Peak RSS (MB)"] = table["peak RSS MB"]
+    if table["served as"].notna().any():
+        out["vLLM architecture"] = table["served as"]
     if table["serving error"].notna().any():
         out["Error"] = table["serving error"]
     return out

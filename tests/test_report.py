@@ -231,6 +231,7 @@ def test_compare_as_the_readme_shows_then_a_rerun_recomputes_nothing(servable_mo
         assert text.count(row) == 2  # quality table and serving table
     serving = text.split("## Serving")[1].split("## What pruning buys")[0]
     assert "n/a" not in serving  # every model served
+    assert " LlamaForCausalLM " in serving and " PrunedLlamaForCausalLM " in serving  # stock dense, plugin FASP
     for plot in PLOTS:
         assert (reports / plot).stat().st_size > 5000
     records = [json.loads(line) for line in store.read_text().splitlines()]
