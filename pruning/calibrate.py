@@ -119,16 +119,24 @@ class _Moments:
             self.relative_sq_sum += (x.square() / residual_sq.to(x.dtype)[:, None]).sum(0).double()
 
 
-_PRODUCT_ROWS = 2048  # rows of X^T Y formed at once: a [2048, n] float64 block, not a second [n, n] matrix
+_PRODUCT_ROWS = 1024  # rows of X^T Y formed at once: a [1024, n] float64 block, not a second [n, n] matrix
 
 
 def _add_products(total: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
     """total += x^T y: products in x's precision (fp32, or fp64 for fp64 inputs), summed in float64, a block of
     rows at a time. Forming the whole [n, n] product first would hold it twice more (fp32, then its fp64
-    copy): 1 GB beside the Gram of an 8960-wide FFN input."""
-    for start in range(0, x.shape[1], _PRODUCT_ROWS):
-        rows = slice(start, start + _PRODUCT_ROWS)
-        total[rows] += (x[:, rows].T @ y).double()
+    copy): 1 GB beside the Gram of an 8960-wide FFN input. For x^T x (y is x) only the blocks on and right of
+    the diagonal are formed and the rest mirrored: 56% of the products for n = 8960, where they are most of a
+    CPU prune's time."""
+    n = x.shape[1]
+    for start in range(0, n, _PRODUCT_ROWS):
+        end = min(start + _PRODUCT_ROWS, n)
+        if y is x:
+            block = (x[:, start:end].T @ x[:, start:]).double()
+            total[start:end, start:] += block
+            total[end:, start:end] += block[:, end - start:].T
+        else:
+            total[start:end] += (x[:, start:end].T @ y).double()
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
