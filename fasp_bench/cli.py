@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -19,14 +20,22 @@ from .data import DATA_ENV, data_dir
 from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import BenchError
 from .evaluation import EvalProtocol, evaluate
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, fingerprint
 from .prune_job import PruneJob, prune_summary
-from .report import write_report
-from .run import PROFILES, RunPlan, run
-from .serving.bench import ENGINES, ServeProtocol, default_dtype, require_vllm, serve_models, serving_table
+from .report import SWEEP_NOTE, human_sweep, sweep_table, write_report
+from .run import PROFILES, SWEEP, RunPlan, run
+from .serving.bench import (
+    ENGINES,
+    ServeProtocol,
+    default_dtype,
+    require_vllm,
+    serve_models,
+    serving_table,
+    sweep_points,
+)
 from .store import STORE_FILE, ResultsStore
 from .study import load_study, study_tables, summary_table
-from .zeroshot import ALL_TASKS, resolve_tasks
+from .zeroshot import ALL_TASKS, BACKENDS, resolve_tasks
 
 
 def _method_options(args, method: str) -> dict:
@@ -63,13 +72,37 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_widen_v(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pruning.checkpoint import save_pruned
+
+    from .models import load_config, resolve_model
+    from .serving.padding import widen_v
+
+    path = resolve_model(args.checkpoint)
+    config = load_config(args.checkpoint)
+    head_dim = pruning.get_adapter(config).head_dim
+    if not any(dv < head_dim for dv in getattr(config, "v_head_dims", None) or []):
+        raise BenchError(f"{args.checkpoint} has no V head narrower than the head size ({head_dim}): nothing to widen "
+                         "(give a checkpoint pruned by fasp or fasp-plus)")
+    check_output_dir(args.out, args.overwrite)
+    model = widen_v(AutoModelForCausalLM.from_pretrained(path, dtype="auto"))
+    metadata = {**(read_metadata(path) or {}), "v_widened_from": str(path)}
+    metadata.pop("fingerprint", None)  # a new checkpoint: fingerprinted when written
+    save_pruned(model, args.out, metadata, tokenizer=AutoTokenizer.from_pretrained(path), overwrite=args.overwrite)
+    print(f"{args.out}: {type(model).__name__}, V widened to {head_dim} in every layer (same outputs)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     root = data_dir(args.data)
     tasks_dirs = tuple(Path(d) for d in args.tasks_dir)
     protocol = EvalProtocol(ppl=_ppl_sets(args.ppl),
                             tasks=tuple(resolve_tasks(args.zeroshot, list(tasks_dirs))), seqlen=args.seqlen,
                             max_windows=args.max_windows, limit=args.limit, seed=args.seed, dtype=args.dtype,
-                            device=args.device, batch_size=args.batch_size, tasks_dirs=tasks_dirs)
+                            device=args.device, batch_size=args.batch_size, tasks_dirs=tasks_dirs,
+                            backend=args.eval_backend)
     store = ResultsStore(Path(args.run_dir) / STORE_FILE)
     rows = evaluate(args.checkpoint, store, protocol, root)
     table = pd.DataFrame(rows).drop(columns="model")
@@ -93,13 +126,30 @@ def cmd_serve(args) -> int:
     dense = args.dense or _source_model(args.checkpoints)
     specs = ([dense] if dense and dense not in args.checkpoints else []) + list(args.checkpoints)
     store = ResultsStore(Path(args.run_dir) / STORE_FILE)
+    sweep = () if args.sweep is None else tuple(map(_sweep_point, args.sweep)) or SWEEP
     with tqdm(total=len(specs), desc="serving", unit="model") as bar:
-        rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar)
+        rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar, sweep=sweep)
     print(serving_table(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
+    if sweep:
+        models = [{"label": spec, "fingerprint": fingerprint(spec), "method": None if i == 0 else "pruned"}
+                  for i, spec in enumerate(specs)]
+        points = [asdict(p) for p in sweep_points(protocol, sweep)]
+        print("\n" + human_sweep(sweep_table(store.records(), models, points)).to_string(
+            index=False, na_rep="-", float_format=lambda v: f"{v:.1f}"))
+        print(SWEEP_NOTE)
     print(f"{protocol.prompts} prompts x ({protocol.input_len} in, {protocol.output_len} out), {protocol.dtype}, "
           f"median of {protocol.repeats}; KV budget {protocol.kv_cache_gib} GiB; engine {protocol.engine}; "
           f"results: {store.path}")
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def _sweep_point(text: str) -> tuple[int, int, int]:
+    try:
+        prompts, input_len, output_len = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise BenchError(f"--sweep point {text!r} is not BATCHxINxOUT (e.g. 8x64x256: 8 prompts of 64 tokens, 256 "
+                         "generated each)") from None
+    return prompts, input_len, output_len
 
 
 def _source_model(checkpoints: list[str]) -> str | None:
@@ -120,7 +170,7 @@ def cmd_run(args) -> int:
                    tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
                    nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
                    tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit,
-                   max_windows=args.max_windows)
+                   max_windows=args.max_windows, eval_backend=args.eval_backend)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -182,6 +232,12 @@ def _add_alignment_args(p: argparse.ArgumentParser) -> None:
                    help="keep KV-head counts and FFN widths splittable by tensor parallelism of size K")
 
 
+def _add_eval_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-backend", choices=BACKENDS, default="hf",
+                   help="zero-shot through lm-eval's transformers model (hf, default) or its vLLM model (vllm: the "
+                        "fast path on a GPU; the checkpoint is served as in the serving stage)")
+
+
 def _add_tp_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="vLLM tensor parallelism (prune with --tp-multiple of it so every layer splits)")
@@ -235,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p)
     p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV})")
     p.add_argument("--batch-size", type=int, default=4)
+    _add_eval_backend_arg(p)
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
     p.set_defaults(run=cmd_eval)
 
@@ -245,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model; the median is reported")
+    p.add_argument("--sweep", nargs="*", metavar="BATCHxINxOUT",
+                   help="also measure these load regimes (default: decode-bound 64 in, 256 out at batch 1, 8, 32; "
+                        "prefill-bound 8 x 1024 in, 1 out) with the speed-up's limit and share, one engine per model")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: float32 on CPUs without native bf16, bfloat16 otherwise")
     p.add_argument("--kv-cache-gib", type=int, default=1,
@@ -280,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot", help="comma-separated lm-eval tasks instead of the profile's, 'all' or none")
     p.add_argument("--limit", type=int, help="zero-shot documents per task instead of the profile's (the first N)")
     p.add_argument("--max-windows", type=int, help="perplexity windows per set instead of the profile's (the first N)")
+    _add_eval_backend_arg(p)
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("report", help="rebuild the report from a results file")
@@ -302,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "sparsity, prune seconds and the vLLM speed-up of every configuration")
     p.add_argument("--out", help="write the markdown here instead of printing it")
     p.set_defaults(run=cmd_study)
+
+    p = sub.add_parser("widen-v", help="the same checkpoint with narrow V zero-padded to the head size in the "
+                                       "weights (serve both to measure what the engine's V padding costs)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_widen_v)
 
     p = sub.add_parser("prune-speed", help="benchmark: prune time / one dense forward over the calibration tokens")
     _add_model_args(p)

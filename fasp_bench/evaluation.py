@@ -12,10 +12,10 @@ from pathlib import Path
 from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, bos_id, data_file, perplexity_dataset, perplexity_ids
 from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import BenchError
-from .models import fingerprint, load_config, load_model
-from .perplexity import perplexity
+from .models import fingerprint, load_config, load_model, resolve_model
+from .perplexity import perplexity, ppl_windows
 from .store import ResultsStore
-from .zeroshot import check_task_data, evaluate_task, task_source, unavailable_reason
+from .zeroshot import BACKENDS, check_task_data, evaluate_task, hf_lm, task_source, unavailable_reason, vllm_lm
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class EvalProtocol:
     device: str | None = None  # None: cuda when present, else cpu
     batch_size: int = 4
     tasks_dirs: tuple[Path, ...] = field(default_factory=tuple)
+    backend: str = "hf"  # zero-shot through lm-eval's HFLM, or its vLLM model (BACKENDS)
 
     def check(self, data_root: Path | None) -> None:
         """Refuse bad settings and missing data files before any weights are read."""
@@ -38,6 +39,12 @@ class EvalProtocol:
             if value is not None and value < least:
                 raise BenchError(f"{name} must be at least {least} (got {value})")
         resolve_dtype(self.dtype, resolve_device(self.device))
+        if self.backend not in BACKENDS:
+            raise BenchError(f"unknown --eval-backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
+        if self.backend == "vllm" and self.tasks:
+            from .serving.bench import require_vllm
+
+            require_vllm()
         for name in self.ppl:
             perplexity_dataset(name, data_root)
             if data_root is not None:
@@ -65,14 +72,21 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
             loaded.extend(load_model(spec, DTYPES[dtype], check_supported=False, device=device))
         return loaded
 
+    engines: list = []
+
+    def zeroshot_lm():
+        """The lm-eval model, built once: around the loaded model, or a vLLM engine on the folder."""
+        if not engines and protocol.backend == "vllm":
+            loaded.clear()  # the engine loads its own copy of the weights
+            engines.append(vllm_lm(str(resolve_model(spec)), dtype, protocol.seed, seqlen))
+        elif not engines:
+            engines.append(hf_lm(*model_and_tokenizer(), batch_size=protocol.batch_size * 2))
+        return engines[0]
+
     rows = []
     for name in protocol.ppl:
-        dataset = perplexity_dataset(name, data_root)
-        cap = C4_EVAL_WINDOWS if dataset.startswith("c4") else None
-        limits = [w for w in (cap, protocol.max_windows) if w is not None]
-        windows = min(limits) if limits else None
-        key = {"dataset": dataset, "seqlen": seqlen, "max_windows": windows, "dtype": dtype,
-               "device": device.type, **({"seed": protocol.seed} if dataset == "c4-calval" else {})}
+        dataset, windows, windows_key = _windows_key(name, protocol, data_root, seqlen)
+        key = {**windows_key, "dtype": dtype, "device": device.type}
 
         def run_ppl(name=name, dataset=dataset, windows=windows):
             model, tokenizer = model_and_tokenizer()
@@ -93,12 +107,12 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
             continue
         source, digest = task_source(task, data_root, list(protocol.tasks_dirs))
         key = {"task": task, "source": source, "yaml_sha256": digest, "limit": protocol.limit, "num_fewshot": 0,
-               "seed": protocol.seed, "dtype": dtype, "device": device.type}
+               "seed": protocol.seed, "dtype": dtype, "device": device.type,
+               **({"backend": protocol.backend} if protocol.backend != "hf" else {})}
 
         def run_task(task=task):
-            model, tokenizer = model_and_tokenizer()
-            return evaluate_task(model, tokenizer, task, data_root, protocol.limit, protocol.batch_size * 2,
-                                 protocol.seed, list(protocol.tasks_dirs))
+            return evaluate_task(zeroshot_lm(), task, data_root, protocol.limit, protocol.seed,
+                                 list(protocol.tasks_dirs))
 
         try:
             record, cached = store.measure(fp, "zeroshot", key, run_task, model=print_name,
@@ -113,7 +127,37 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
         norm = f", acc_norm {result['acc_norm']:.4f}" if result.get("acc_norm") is not None else ""
         rows.append(_row(record, cached, f"zero-shot {task}", result["acc"],
                          f"acc over {result['docs']} of {result['docs_total']} docs{norm}"))
+    if engines and protocol.backend == "vllm":  # stop the engine now, not at interpreter exit
+        engines.pop().model.llm_engine.engine_core.shutdown()
     return rows
+
+
+def _windows_key(name: str, protocol: EvalProtocol, data_root: Path | None, seqlen: int
+                 ) -> tuple[str, int | None, dict]:
+    """A perplexity set's stored name, its window count (None: all) and what names its windows in a record."""
+    dataset = perplexity_dataset(name, data_root)
+    cap = C4_EVAL_WINDOWS if dataset.startswith("c4") else None
+    limits = [w for w in (cap, protocol.max_windows) if w is not None]
+    windows = min(limits) if limits else None
+    key = {"dataset": dataset, "seqlen": seqlen, "max_windows": windows,
+           **({"seed": protocol.seed} if dataset == "c4-calval" else {})}
+    return dataset, windows, key
+
+
+def perplexity_windows(spec: str, protocol: EvalProtocol, data_root: Path | None) -> list[tuple[dict, list]]:
+    """Every perplexity set's windows of token ids, exactly as `evaluate` scores them, with the key that names
+    them (for scoring the same windows elsewhere: inside the serving engine)."""
+    from transformers import AutoTokenizer
+
+    protocol.check(data_root)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
+    seqlen = protocol.seqlen or default_seqlen(load_config(spec))
+    sets = []
+    for name in protocol.ppl:
+        _, windows, key = _windows_key(name, protocol, data_root, seqlen)
+        ids = perplexity_ids(name, tokenizer, seqlen, data_root, protocol.seed)
+        sets.append((key, ppl_windows(ids, seqlen, windows, bos_id(tokenizer)).tolist()))
+    return sets
 
 
 def _row(record: dict, cached: bool, measurement: str, value: float, detail: str) -> dict:

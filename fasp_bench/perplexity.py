@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
-def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
-               batch_size: int = 4, progress: bool = True, desc: str = "ppl", bos: int | None = None) -> dict:
+def ppl_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+                bos: int | None = None) -> torch.Tensor:
+    """The scored windows [windows, seqlen]: consecutive text, each after a <bos> where the model has one."""
     ids = token_ids.flatten()
     text_len = seqlen - (bos is not None)
     windows = ids.numel() // text_len
@@ -25,6 +25,22 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | N
     chunks = ids[: windows * text_len].view(windows, text_len)
     if bos is not None:
         chunks = torch.cat([torch.full((windows, 1), bos, dtype=chunks.dtype), chunks], dim=1)
+    return chunks
+
+
+def summary(window_nll: list[float], seqlen: int, bos: bool) -> dict:
+    """Perplexity from per-window mean NLLs: every window predicts the same number of tokens, so the token mean
+    is the mean of the window means."""
+    nll = math.fsum(window_nll) / len(window_nll)
+    return {"ppl": math.exp(nll), "nll": nll, "windows": len(window_nll),
+            "predicted_tokens": len(window_nll) * (seqlen - 1), "seqlen": seqlen, "bos": bos,
+            "window_nll": window_nll}
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
+               batch_size: int = 4, progress: bool = True, desc: str = "ppl", bos: int | None = None) -> dict:
+    chunks = ppl_windows(token_ids, seqlen, max_windows, bos)
     device = next(model.parameters()).device
     window_nll = []
     for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", disable=not progress):
@@ -32,7 +48,4 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, max_windows: int | N
         logits = model(input_ids=batch, use_cache=False).logits
         # one window at a time: each row's logits are contiguous, so no (batch, vocab, seq) copy is made
         window_nll.extend(F.cross_entropy(row[:-1].float(), ids[1:]).item() for row, ids in zip(logits, batch))
-    # every window predicts the same number of tokens, so the token mean is the mean of the window means
-    nll = math.fsum(window_nll) / windows
-    return {"ppl": math.exp(nll), "nll": nll, "windows": windows, "predicted_tokens": windows * (seqlen - 1),
-            "seqlen": seqlen, "bos": bos is not None, "window_nll": window_nll}
+    return summary(window_nll, seqlen, bos is not None)

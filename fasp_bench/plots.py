@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 PLOTS = ("perplexity.png", "zeroshot.png", "throughput.png", "pareto.png", "memory.png")
+SWEEP_PLOT = "sweep.png"  # only where the run measured more than one decode batch size
 
 
 def _errors(rows: pd.DataFrame, column: str, low: str, high: str) -> list | None:
@@ -87,6 +88,26 @@ def plot_all(table: pd.DataFrame, out: Path) -> list[str]:
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     _save(fig, out / "memory.png")
     return list(PLOTS)
+
+
+def plot_sweep(sweep: pd.DataFrame, out: Path) -> list[str]:
+    """Decode speed-up against batch size, one line per pruned model, each with its limit dashed in its colour."""
+    decode = sweep[(sweep["kind"] == "decode") & (sweep["method"] != "dense")] if not sweep.empty else sweep
+    if decode.empty or decode["batch"].nunique() < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for model in dict.fromkeys(decode["model"]):
+        rows = decode[decode["model"] == model].sort_values("batch")
+        errors = _errors(rows, "speedup", "speedup low", "speedup high")
+        line = ax.errorbar(rows["batch"], rows["speedup"], yerr=errors, capsize=3, marker="o", label=model)
+        ax.plot(rows["batch"], rows["limit"], linestyle="--", color=line[0].get_color(), linewidth=1)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(title="decode speed-up over dense (dashed: memory-bound limit)", xlabel="batch size (sequences)",
+           ylabel="output tok/s over dense")
+    ax.legend(fontsize=7)
+    _save(fig, out / SWEEP_PLOT)
+    return [SWEEP_PLOT]
 
 
 def _save(fig, path: Path) -> None:

@@ -18,7 +18,9 @@ import pandas as pd
 
 from . import stats
 from .errors import BenchError
-from .plots import PLOTS, plot_all
+from .plots import PLOTS, plot_all, plot_sweep
+from .serving.bench import ENGINE_PPL_TOLERANCE, ServeProtocol, point_kind, ppl_gap
+from .serving.roofline import share
 from .store import ResultsStore
 
 DATASET_NAMES = {"wikitext2": "WikiText-2", "c4-heldout": "c4-heldout", "c4": "C4",
@@ -108,6 +110,83 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
     if dense["KV tokens"]:
         table["KV ratio"] = table["KV tokens"] / dense["KV tokens"]
     return table, items
+
+
+def sweep_table(records: list[dict], models: list[dict], points: list[dict]) -> pd.DataFrame:
+    """One row per (model, serving point), `models` as a run record lists them (dense first): throughput (decode:
+    output tok/s; prefill: prompt tok/s) with its range, the speed-up over dense at the same point with its range,
+    the limit (dense's bytes per decode step or prefill FLOPs over the model's, stored with each record) and the
+    share of it realised."""
+    rows = []
+    for point in points:
+        for model in models:
+            found = _select(records, model["fingerprint"], "serving", point).get("serving")
+            result = found["result"] if found else {}
+            roof = result.get("roofline") or {}
+            kind = point_kind(ServeProtocol(**point))
+            runs = result.get("prompt_tok_s_runs" if kind == "prefill" else "output_tok_s_runs") or []
+            rows.append({"model": model["label"], "method": model.get("method") or "dense",
+                         "sparsity": model.get("sparsity", 0.0), "kind": kind, "batch": point["prompts"],
+                         "input_len": point["input_len"], "output_len": point["output_len"],
+                         "tok/s": pd.Series(runs).median() if runs else None,
+                         "tok/s min": min(runs) if runs else None, "tok/s max": max(runs) if runs else None,
+                         "bound": roof.get("bound"), "error": result.get("error")})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    keys = ["kind", "batch", "input_len", "output_len"]
+    dense = table[table["method"] == "dense"].set_index(keys)
+    ref = dense.reindex(pd.MultiIndex.from_frame(table[keys]))
+    table["speedup"] = table["tok/s"].to_numpy() / ref["tok/s"].to_numpy()
+    table["speedup low"] = table["tok/s min"].to_numpy() / ref["tok/s max"].to_numpy()
+    table["speedup high"] = table["tok/s max"].to_numpy() / ref["tok/s min"].to_numpy()
+    table["limit"] = ref["bound"].to_numpy() / table["bound"].astype(float).to_numpy()
+    table["share"] = [share(r["speedup"], r["limit"]) for _, r in table.iterrows()]
+    return table
+
+
+def engine_ppl_table(records: list[dict], run: dict | None = None) -> pd.DataFrame:
+    """Every served checkpoint's perplexity computed by vLLM (prompt logprobs) beside transformers' on the same
+    windows, the relative gap and whether it is inside the tolerance of the serving dtype."""
+    run = run or latest_run(records)
+    plan = run["result"]
+    match = plan.get("served_ppl_match")
+    rows = []
+    for model in plan["models"] if match else []:
+        reference = _select(records, model["fingerprint"], "perplexity", plan["ppl_match"])
+        for dataset, served in _select(records, model["fingerprint"], "served_perplexity", match).items():
+            ours = reference.get(dataset)
+            engine = served["result"].get("ppl")
+            theirs = ours["result"]["ppl"] if ours else None
+            gap, agrees = ppl_gap(engine, theirs, match["dtype"]) if engine and theirs else (None, False)
+            rows.append({"model": model["label"], "dataset": dataset, "transformers": theirs, "vLLM": engine,
+                         "gap": gap, "tolerance": ENGINE_PPL_TOLERANCE[match["dtype"]],
+                         "status": (served["result"].get("error") or "no transformers record" if gap is None
+                                    else "agrees" if agrees else "FAILED: the served model differs")})
+    return pd.DataFrame(rows)
+
+
+def kv_table(records: list[dict], run: dict | None = None, seq_len: int = 2048) -> pd.DataFrame:
+    """KV cache as a deployment figure at the run's fixed budget: bytes per token at the checkpoint's widths and
+    as the engine stores them, and the most `seq_len`-token sequences that fit (computed, and as the engine
+    allocated its cache)."""
+    run = run or latest_run(records)
+    plan = run["result"]
+    budget = plan["serve_match"].get("kv_cache_gib", 0) << 30
+    rows = []
+    for model in plan["models"]:
+        found = _select(records, model["fingerprint"], "serving", plan["serve_match"]).get("serving")
+        result = found["result"] if found else {}
+        roof = result.get("roofline")
+        if not roof:
+            continue
+        per_token = roof["kv_bytes_per_token"]
+        rows.append({"model": model["label"], "KV bytes/token": per_token,
+                     "KV bytes/token, V padded": roof["kv_bytes_per_token_padded_v"],
+                     f"{seq_len}-token sequences in budget": budget // (per_token * seq_len) if per_token else None,
+                     f"{seq_len}-token sequences, engine": (result["kv_cache_tokens"] // seq_len
+                                                           if result.get("kv_cache_tokens") else None)})
+    return pd.DataFrame(rows)
 
 
 def _paired_docs(a: Items, b: Items, tasks: list[str]) -> tuple[list, list] | None:
@@ -320,7 +399,9 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
     pairs = paired_table(table, items)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_all(table, out)
+    plots = plot_all(table, out)
+    sweep = sweep_table(records, plan["models"], plan.get("sweep_match") or [])
+    plots += plot_sweep(sweep, out)
     if Path(results).resolve() != (out / "results.jsonl").resolve():
         shutil.copyfile(results, out / "results.jsonl")
     lines = [
@@ -351,15 +432,109 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
         _markdown(_human_serving(table), {"Output tok/s (median)": 1, "TTFT (ms)": 1, "Weights (MB)": 1,
                                            "Dense / model weights": 3, "KV-cache tokens": 0,
                                            "KV capacity vs dense": 3, "Peak RSS (MB)": 0}), "",
+        *_sweep_section(sweep),
         "## What pruning buys in memory", "", _memory_summary(table), "",
+        *_kv_section(kv_table(records, run), plan),
+        *_engine_ppl_section(engine_ppl_table(records, run)),
         "## Plots", "",
-        *(f"![{name[:-4]}]({name})" for name in PLOTS), "",
+        *(f"![{name[:-4]}]({name})" for name in plots), "",
         f"Raw records: [`results.jsonl`](results.jsonl) (`fasp-bench report --results {out}/results.jsonl "
         f"--out {out}` rebuilds this page).", "",
     ]
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     return readme
+
+
+def human_sweep(sweep: pd.DataFrame) -> pd.DataFrame:
+    """The sweep table as the report and `fasp-bench serve --sweep` print it."""
+    out = pd.DataFrame({"Model": sweep["model"]})
+    out["Regime"] = [f"{r['kind']}, batch {r['batch']}, {r['input_len']} in / {r['output_len']} out"
+                     for _, r in sweep.iterrows()]
+    out["tok/s (median)"] = sweep["tok/s"]
+    out["min-max"] = [None if pd.isna(r["tok/s min"]) else f"{r['tok/s min']:.1f}-{r['tok/s max']:.1f}"
+                      for _, r in sweep.iterrows()]
+    out["Speed-up (range)"] = [_speedup_text(r) for _, r in sweep.iterrows()]
+    out["Limit"] = [None if r["method"] == "dense" or pd.isna(r["limit"]) else f"{r['limit']:.3f}x"
+                    for _, r in sweep.iterrows()]
+    out["Share of limit"] = ["-" if r["share"] is None or pd.isna(r["share"]) else f"{r['share']:.2f}"
+                             for _, r in sweep.iterrows()]
+    if sweep["error"].notna().any():
+        out["Error"] = sweep["error"]
+    return out
+
+
+SWEEP_NOTE = ("Decode points: output tok/s; prefill points (one output token): prompt tok/s. The limit is what the "
+              "model's size allows over dense: bytes one decode step reads (matmul weights plus the batch's KV cache "
+              "at the mean context, at the checkpoint's widths) or prefill matmul FLOPs, dense's over the model's. "
+              "Share of limit: (speed-up - 1) / (limit - 1); \"-\" where nothing was pruned (limit 1).")
+
+
+def step_overhead(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per decode regime, the step time of every model of the run against the bytes it reads per step, fitted as
+    a fixed overhead plus bytes over an effective bandwidth (least squares, at least 3 models). A step that is
+    `overhead + bytes / bandwidth` realises a share of 1 - overhead / step of a model's limit: what the fixed
+    per-step work (scheduling, kernel launches, norms, sampling) leaves to pruning."""
+    import numpy as np
+
+    rows = []
+    if sweep.empty:
+        return pd.DataFrame(rows)
+    decode = sweep[(sweep["kind"] == "decode") & sweep["tok/s"].notna() & sweep["bound"].notna()]
+    for (batch, input_len, output_len), group in decode.groupby(["batch", "input_len", "output_len"], sort=False):
+        if len(group) < 3:
+            continue
+        step = batch / group["tok/s"].astype(float).to_numpy()  # seconds per decode step of the whole batch
+        slope, overhead = np.polyfit(group["bound"].astype(float).to_numpy(), step, 1)
+        dense = group[group["method"] == "dense"]
+        dense_step = float(batch / dense["tok/s"].iloc[0]) if len(dense) else float("nan")
+        rows.append({"regime": f"decode, batch {batch}, {input_len} in / {output_len} out", "models": len(group),
+                     "dense step (ms)": dense_step * 1e3, "fixed overhead (ms)": overhead * 1e3,
+                     "effective GB/s": (1 / slope / 1e9) if slope > 0 else None,
+                     "share the overhead allows": 1 - overhead / dense_step})
+    return pd.DataFrame(rows)
+
+
+def _sweep_section(sweep: pd.DataFrame) -> list[str]:
+    if sweep.empty or len(sweep.drop_duplicates(["kind", "batch", "input_len", "output_len"])) < 2:
+        return []
+    lines = ["## Serving across load regimes", "", SWEEP_NOTE, "",
+             _markdown(human_sweep(sweep), {"tok/s (median)": 1}), ""]
+    overhead = step_overhead(sweep)
+    if not overhead.empty:
+        lines += ["Why a share stays below 1: each decode step's time (batch / output tok/s) of every model above, "
+                  "fitted as a fixed overhead plus bytes read over an effective bandwidth. A model whose step is "
+                  "that overhead plus its bytes realises about 1 - overhead / step of its limit.", "",
+                  _markdown(overhead, {"dense step (ms)": 2, "fixed overhead (ms)": 2, "effective GB/s": 1,
+                                       "share the overhead allows": 2}), ""]
+    return lines
+
+
+def _engine_ppl_section(ppl: pd.DataFrame) -> list[str]:
+    if ppl.empty:
+        return []
+    out = pd.DataFrame({"Model": ppl["model"], "Set": ppl["dataset"].map(lambda d: DATASET_NAMES.get(d, d)),
+                        "transformers ppl": ppl["transformers"], "vLLM ppl": ppl["vLLM"]})
+    out["Gap (%)"] = [None if pd.isna(g) else f"{g * 100:+.3f}" for g in ppl["gap"]]
+    out["Tolerance (%)"] = ppl["tolerance"] * 100
+    out["Status"] = ppl["status"]
+    failed = (ppl["status"] != "agrees").sum()
+    return ["## Quality inside the engine", "",
+            "Perplexity of every served checkpoint computed by vLLM from its prompt logprobs, on the windows "
+            "transformers scored above; a gap beyond the serving dtype's tolerance means vLLM serves a different "
+            "model than the one evaluated (a loading or plugin fault) and is reported as a failure. "
+            + (f"**{failed} of {len(ppl)} failed.**" if failed else f"All {len(ppl)} agree."), "",
+            _markdown(out, {"transformers ppl": 3, "vLLM ppl": 3, "Tolerance (%)": 1}), ""]
+
+
+def _kv_section(kv: pd.DataFrame, plan: dict) -> list[str]:
+    if kv.empty:
+        return []
+    gib = plan["serve_match"].get("kv_cache_gib")
+    return ["", f"KV cache at the fixed budget of {gib} GiB: bytes per token at the checkpoint's widths, and as an "
+            "engine that stores V at the head size holds it (vLLM's CPU attention pads a narrowed V); the most "
+            "2048-token sequences that fit, at the checkpoint's widths and as the engine allocated its cache.", "",
+            _markdown(kv, {c: 0 for c in kv.columns if c != "model"}), ""]
 
 
 def _memory_summary(table: pd.DataFrame) -> str:

