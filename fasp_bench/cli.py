@@ -126,7 +126,7 @@ def cmd_serve(args) -> int:
     dense = args.dense or _source_model(args.checkpoints)
     specs = ([dense] if dense and dense not in args.checkpoints else []) + list(args.checkpoints)
     store = ResultsStore(Path(args.run_dir) / STORE_FILE)
-    sweep = () if args.sweep is None else tuple(map(_sweep_point, args.sweep)) or SWEEP
+    sweep = _sweep_arg(args.sweep) or ()
     with tqdm(total=len(specs), desc="serving", unit="model") as bar:
         rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar, sweep=sweep)
     print(serving_table(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
@@ -143,13 +143,20 @@ def cmd_serve(args) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
+def _sweep_arg(values: list[str] | None) -> tuple[tuple[int, int, int], ...] | None:
+    """--sweep: None when not given, the default sweep when given bare, else the points named."""
+    return None if values is None else tuple(map(_sweep_point, values)) or SWEEP
+
+
 def _sweep_point(text: str) -> tuple[int, int, int]:
     try:
-        prompts, input_len, output_len = (int(v) for v in text.lower().split("x"))
+        point = tuple(int(v) for v in text.lower().split("x"))
+        if len(point) != 3 or min(point) < 1:
+            raise ValueError
     except ValueError:
-        raise BenchError(f"--sweep point {text!r} is not BATCHxINxOUT (e.g. 8x64x256: 8 prompts of 64 tokens, 256 "
-                         "generated each)") from None
-    return prompts, input_len, output_len
+        raise BenchError(f"--sweep point {text!r} is not BATCHxINxOUT with each at least 1 (e.g. 8x64x256: 8 prompts "
+                         "of 64 tokens, 256 generated each)") from None
+    return point
 
 
 def _source_model(checkpoints: list[str]) -> str | None:
@@ -170,7 +177,7 @@ def cmd_run(args) -> int:
                    tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
                    nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
                    tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit,
-                   max_windows=args.max_windows, eval_backend=args.eval_backend)
+                   max_windows=args.max_windows, eval_backend=args.eval_backend, sweep=_sweep_arg(args.sweep))
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -340,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot", help="comma-separated lm-eval tasks instead of the profile's, 'all' or none")
     p.add_argument("--limit", type=int, help="zero-shot documents per task instead of the profile's (the first N)")
     p.add_argument("--max-windows", type=int, help="perplexity windows per set instead of the profile's (the first N)")
+    p.add_argument("--sweep", nargs="*", metavar="BATCHxINxOUT",
+                   help="serving load regimes instead of the profile's (bare: the default sweep of `serve --sweep`)")
     _add_eval_backend_arg(p)
     p.set_defaults(run=cmd_run)
 

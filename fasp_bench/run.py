@@ -113,6 +113,7 @@ class RunPlan:
     limit: int | None = None  # zero-shot documents per task; None: the profile's
     max_windows: int | None = None  # perplexity windows per set; None: the profile's
     eval_backend: str = "hf"  # zero-shot through lm-eval's HFLM or its vLLM model
+    sweep: tuple[tuple[int, int, int], ...] | None = None  # serving load regimes; None: the profile's
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -150,7 +151,7 @@ class RunPlan:
     def profile_settings(self) -> Profile:
         """The profile, with the sets and tasks the plan names instead of its own."""
         overrides = {k: v for k, v in (("ppl", self.ppl), ("tasks", self.tasks), ("limit", self.limit),
-                                       ("max_windows", self.max_windows)) if v is not None}
+                                       ("max_windows", self.max_windows), ("sweep", self.sweep)) if v is not None}
         return replace(PROFILES[self.profile], **overrides)
 
 

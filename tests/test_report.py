@@ -241,6 +241,7 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--max-windows", "0"), "--max-windows must be at least 1 window per set"),
         (("--ppl", "wikitext3"), "unknown perplexity set 'wikitext3'"),
         (("--zeroshot", "arc_hard"), "unknown zero-shot task 'arc_hard'"),
+        (("--sweep", "0x64x256"), "BATCHxINxOUT with each at least 1"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
@@ -257,6 +258,22 @@ def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, t
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1 and not out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("sweep, expected", [(None, "profile"), ([], "default"),
+                                             (["2x8x4", "4X16X1"], ((2, 8, 4), (4, 16, 1)))])
+def test_run_sweep_replaces_the_profiles_serving_points(cli, tiny_model_dirs, data_root, tmp_path, monkeypatch,
+                                                         sweep, expected):
+    from fasp_bench import cli as cli_module
+    from fasp_bench.run import PROFILES, SWEEP
+
+    plans = []
+    monkeypatch.setattr(cli_module, "run", lambda plan, command: plans.append(plan) or tmp_path / "README.md")
+    args = ["run", "--model", tiny_model_dirs["llama"], "--profile", "quick", "--out", tmp_path / "r",
+            "--work-dir", tmp_path / "w"] + ([] if sweep is None else ["--sweep", *sweep])
+    assert cli(*args, data=data_root)[0] == 0
+    wanted = {"profile": PROFILES["quick"].sweep, "default": SWEEP}.get(expected, expected)
+    assert plans[0].profile_settings.sweep == wanted and plans[0].profile_settings.nsamples == 16
 
 
 def readme_compare_command() -> str:

@@ -224,8 +224,9 @@ def test_sweep_points_are_stored_with_their_bounds_and_reused(served_checkpoints
     assert cli(*args)[0] == 0 and len(store.records()) == 6
 
 
-def test_a_malformed_sweep_point_is_refused_before_any_engine(served_checkpoints, cli, tmp_path):
-    code, _, err = cli("serve", served_checkpoints / "llama-fasp", "--run-dir", tmp_path, "--sweep", "8x64")
+@pytest.mark.parametrize("point", ["8x64", "0x64x256", "8x64x256x1"])
+def test_a_malformed_sweep_point_is_refused_before_any_engine(served_checkpoints, cli, tmp_path, point):
+    code, _, err = cli("serve", served_checkpoints / "llama-fasp", "--run-dir", tmp_path, "--sweep", point)
     assert code == 2 and err.count("\n") == 1 and "BATCHxINxOUT" in err
     assert not (tmp_path / "results.jsonl").exists()
 
