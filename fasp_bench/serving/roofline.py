@@ -68,11 +68,6 @@ class ServingCost:
             per_sequence += 2 * pairs * layer.query_heads * (layer.head_dim + layer.v_head_dim)  # QK^T, then PV
         return batch * per_sequence
 
-    def kv_capacity(self, budget_bytes: int, seq_len: int = 2048, padded_v: bool = False) -> int:
-        """The most sequences of `seq_len` tokens whose KV cache fits in `budget_bytes`."""
-        per_token = self.kv_bytes_per_token(padded_v)
-        return budget_bytes // (per_token * seq_len) if per_token else math.inf
-
 
 def _seen(context: float, window: int | None) -> float:
     return min(context, window) if window else context
