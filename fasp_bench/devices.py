@@ -6,6 +6,8 @@ float32 on a CPU without it, where emulated bf16 is about 3x slower.
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -22,6 +24,24 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def machine_description(cpuinfo: str | None = None) -> str:
+    """The machine a run's timings came from, for the report header: timings compare only within one CPU model,
+    and whether bf16 is native decides both the default dtype and how fast it runs."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    cpu = re.sub(r"\s+", " ", name.group(1)).strip() if name else (platform.processor() or "unknown CPU")
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    native = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
+              if flags and flag in flags.group(1).split()]
+    bf16 = f"native bf16 ({', '.join(native)})" if native else "no native bf16"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {bf16}, {platform.machine()}, {os.cpu_count()} cores{gpu}, {platform.platform()}"
 
 
 def default_dtype(gpu: bool) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from pruning.checkpoint import read_metadata
 from pruning.methods import method_spec, parse_method_spec
 
 from .data import C4_SHARD, CALIBRATION_DOCS, VALIDATION_AVOIDS, bos_id, data_file
-from .devices import resolve_device, resolve_dtype
+from .devices import machine_description, resolve_device, resolve_dtype
 from .errors import BenchError
 from .evaluation import EvalProtocol, default_seqlen, evaluate, perplexity_windows
 from .models import fingerprint, load_config, resolve_model
@@ -245,7 +244,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         "served_ppl_match": served_ppl_key(EnginePerplexity({"seqlen": seqlen}, []), serve_protocol) if plan.serve
                             else None,
         "sweep_match": [asdict(p) for p in sweep_points(serve_protocol, settings.sweep)] if plan.serve else [],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "machine": machine_description(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     store.add("-", "run", {"profile": plan.profile, "model": plan.model, "methods": plan.methods,
