@@ -18,27 +18,33 @@ from .errors import BenchError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
+NATIVE_BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}
+
+
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+        return ""
+
+
+def native_bf16_features(cpuinfo: str) -> list[str]:
+    """The native bf16 instruction sets a /proc/cpuinfo text lists (whole flags only), as report labels."""
+    flags = set(re.findall(r"\S+", " ".join(re.findall(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE))))
+    return [label for flag, label in NATIVE_BF16_FLAGS.items() if flag in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(native_bf16_features(_cpuinfo()))
 
 
 def machine_description(cpuinfo: str | None = None) -> str:
     """The machine a run's timings came from, for the report header: timings compare only within one CPU model,
     and whether bf16 is native decides both the default dtype and how fast it runs."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     cpu = re.sub(r"\s+", " ", name.group(1)).strip() if name else (platform.processor() or "unknown CPU")
-    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    native = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
-              if flags and flag in flags.group(1).split()]
+    native = native_bf16_features(cpuinfo)
     bf16 = f"native bf16 ({', '.join(native)})" if native else "no native bf16"
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {bf16}, {platform.machine()}, {os.cpu_count()} cores{gpu}, {platform.platform()}"

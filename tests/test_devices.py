@@ -23,7 +23,7 @@ def test_machine_names_cpu_model_and_native_bf16():
 def test_machine_without_bf16_flags_says_so():
     line = machine_description(AVX2)
     assert line.startswith("AMD EPYC 7B13, no native bf16, ")
-    # a flag that only contains the name (avx512_bf16_x) must not count: flags are whole words
+    # a flag that only contains the name (avx512_bf16x) must not count: flags are whole words
     assert "no native bf16" in machine_description(AVX2.replace("fma", "avx512_bf16x"))
 
 
