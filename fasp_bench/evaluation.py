@@ -116,7 +116,7 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
 
         try:
             record, cached = store.measure(fp, "zeroshot", key, run_task, model=print_name,
-                                           complete=lambda result: "doc_acc" in result)
+                                           complete=lambda result: "doc_margin" in result)
         except BenchError as err:
             if source.startswith("yaml:"):
                 raise

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import stats
@@ -51,9 +52,11 @@ def _select(records: list[dict], fingerprint: str, metric: str, match: dict) -> 
 
 @dataclass
 class Items:
-    """Per-item data of one model: window NLLs per perplexity set, document correctness per task."""
+    """Per-item data of one model: window NLLs per perplexity set; per task, each document's correctness and
+    log-likelihood margin of the gold choice."""
     windows: dict[str, list[float]] = field(default_factory=dict)
     docs: dict[str, tuple[list, list[float]]] = field(default_factory=dict)  # task -> (doc ids, correct)
+    margins: dict[str, tuple[list, list[float]]] = field(default_factory=dict)  # task -> (doc ids, margin)
 
 
 def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFrame, dict[str, Items]]:
@@ -76,15 +79,21 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
                 ci = stats.perplexity_interval(item.windows[dataset])
                 row[f"ppl {dataset} low"], row[f"ppl {dataset} high"] = ci.low, ci.high
         accs, stderrs = [], []
-        for task, r in _select(records, fp, "zeroshot", plan["zeroshot_match"]).items():
+        zeroshot = _select(records, fp, "zeroshot", plan["zeroshot_match"])
+        for task, r in zeroshot.items():
             row[f"acc {task}"] = r["result"]["acc"]
             accs.append(r["result"]["acc"])
             if r["result"].get("doc_acc"):
                 item.docs[task] = (r["result"]["doc_ids"], r["result"]["doc_acc"])
-                row[f"acc {task} se"] = stats.accuracy_stderr(r["result"]["doc_acc"])
+                row[f"acc {task} se"] = stats.mean_stderr(r["result"]["doc_acc"])
                 stderrs.append(row[f"acc {task} se"])
+            if r["result"].get("doc_margin"):
+                item.margins[task] = (r["result"]["doc_ids"], r["result"]["doc_margin"])
+                row[f"margin {task}"] = float(np.mean(r["result"]["doc_margin"]))
+                row[f"margin {task} se"] = stats.mean_stderr(r["result"]["doc_margin"])
         row["acc mean"] = sum(accs) / len(accs) if accs else None
-        row["acc mean se"] = stats.mean_accuracy_stderr(stderrs) if accs and len(stderrs) == len(accs) else None
+        row["acc mean se"] = stats.task_mean_stderr(stderrs) if accs and len(stderrs) == len(accs) else None
+        _task_mean(row, "margin", list(zeroshot))
         serving = _select(records, fp, "serving", plan["serve_match"]).get("serving")
         result = serving["result"] if serving else {}
         row["out tok/s"] = result.get("output_tok_s")
@@ -110,6 +119,15 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
     if dense["KV tokens"]:
         table["KV ratio"] = table["KV tokens"] / dense["KV tokens"]
     return table, items
+
+
+def _task_mean(row: dict | pd.Series, statistic: str, tasks: list[str]) -> None:
+    """`{statistic} mean` and its standard error over `tasks`: None unless every task has the statistic."""
+    values = [row.get(f"{statistic} {t}") for t in tasks]
+    complete = bool(tasks) and all(v is not None and not pd.isna(v) for v in values)
+    row[f"{statistic} mean"] = float(np.mean(values)) if complete else None
+    row[f"{statistic} mean se"] = (stats.task_mean_stderr([row[f"{statistic} {t} se"] for t in tasks]) if complete
+                                   else None)
 
 
 def sweep_table(records: list[dict], models: list[dict], points: list[dict]) -> pd.DataFrame:
@@ -189,14 +207,16 @@ def kv_table(records: list[dict], run: dict | None = None, seq_len: int = 2048) 
     return pd.DataFrame(rows)
 
 
-def _paired_docs(a: Items, b: Items, tasks: list[str]) -> tuple[list, list] | None:
-    """Both models' correctness on the same documents of every task, or None if any task lacks per-doc data."""
+def _paired_docs(a: dict[str, tuple[list, list[float]]], b: dict[str, tuple[list, list[float]]],
+                 tasks: list[str]) -> tuple[list, list] | None:
+    """Both models' per-document values (`Items.docs` or `Items.margins`) on the same documents of every task,
+    or None if any task lacks per-document data."""
     pairs_a, pairs_b = [], []
     for task in tasks:
-        if task not in a.docs or task not in b.docs:
+        if task not in a or task not in b:
             return None
-        ids_a, acc_a = a.docs[task]
-        by_id = dict(zip(*b.docs[task]))
+        ids_a, acc_a = a[task]
+        by_id = dict(zip(*b[task]))
         common = [(x, by_id[i]) for i, x in zip(ids_a, acc_a) if i in by_id]
         if not common:
             return None
@@ -206,18 +226,28 @@ def _paired_docs(a: Items, b: Items, tasks: list[str]) -> tuple[list, list] | No
 
 
 def difference(a: Items, b: Items, metric: str, tasks: list[str]) -> stats.Interval | None:
-    """a - b on one metric ("ppl DATASET": log-perplexity; "acc mean": mean accuracy), paired over the same
-    windows or documents; None where either record lacks per-item data."""
+    """a - b on one metric ("ppl DATASET": log-perplexity; "acc mean": mean accuracy; "margin mean": mean
+    log-likelihood margin of the gold choice), paired over the same windows or documents; None where either
+    record lacks per-item data."""
     if metric.startswith("ppl "):
         wa, wb = a.windows.get(metric[4:]), b.windows.get(metric[4:])
         return stats.paired_log_ppl_difference(wa, wb) if wa and wb and len(wa) == len(wb) else None
-    docs = _paired_docs(a, b, tasks) if tasks else None
-    return stats.paired_accuracy_difference(*docs) if docs else None
+    per_doc = (a.margins, b.margins) if metric == "margin mean" else (a.docs, b.docs)
+    docs = _paired_docs(*per_doc, tasks) if tasks else None
+    return stats.paired_document_difference(*docs) if docs else None
 
 
 def _quality_metrics(table: pd.DataFrame) -> list[str]:
     metrics = [c for c in table.columns if c.startswith("ppl ") and not c.endswith((" low", " high"))]
-    return metrics + (["acc mean"] if "acc mean" in table and table["acc mean"].notna().any() else [])
+    return metrics + [m for m in ("acc mean", "margin mean") if m in table and table[m].notna().any()]
+
+
+# how each zero-shot statistic reads in the Findings and tables: name, unit of a difference, format, scale
+ZEROSHOT_STATISTICS = {
+    "acc mean": ("mean zero-shot accuracy", "Δ points", "+.1f", 100),
+    "margin mean": ("mean log-likelihood margin of the gold choice (nats; gold minus the best wrong choice)",
+                    "Δ nats", "+.3f", 1),
+}
 
 
 def _tasks(table: pd.DataFrame) -> list[str]:
@@ -262,21 +292,23 @@ def findings(table: pd.DataFrame, items: dict[str, Items]) -> list[str]:
             if len(ranked) < 2:
                 continue
             best = ranked.iloc[0]
+            name, unit, fmt, scale = (f"{DATASET_NAMES.get(metric[4:], metric[4:])} perplexity", "Δ log-ppl",
+                                      "+.3f", 1) if ppl else ZEROSHOT_STATISTICS[metric]
             leads, resolved = [], 0
             for _, other in ranked.iloc[1:].iterrows():
                 d = difference(items[best["model"]], items[other["model"]], metric, _tasks(table))
                 resolved += bool(d and d.resolved)
                 verdict = "resolved" if d and d.resolved else "not resolved"
-                text = _interval_text(d, "+.3f") if ppl else _interval_text(d, "+.1f", 100)
-                leads.append(f"over {other['method']}: {verdict} ({'Δ log-ppl' if ppl else 'Δ points'} {text})")
-            name = (f"{DATASET_NAMES.get(metric[4:], metric[4:])} perplexity" if ppl
-                    else "mean zero-shot accuracy")
-            value = f"{best[metric]:.2f}" if ppl else f"{best[metric]:.1%}"
+                leads.append(f"over {other['method']}: {verdict} ({unit} {_interval_text(d, fmt, scale)})")
+            value = (f"{best[metric]:.2f}" if ppl else f"{best[metric]:.1%}" if metric == "acc mean"
+                     else f"{best[metric]:+.3f}")
             lines.append(f"- {name}: {best['method']} is {'lowest' if ppl else 'highest'} ({value}); its lead "
                          + "; ".join(leads) + ".")
-            if not ppl and not resolved:
-                lines.append("  Zero-shot does not rank these methods at this profile: no lead is resolved "
-                             "(more documents per task would be needed).")
+            if metric == "acc mean" and not resolved:
+                lines.append("  Accuracy does not rank these methods at this profile: no lead is resolved"
+                             + ("; the paired log-likelihood margin below is the statistic that decides."
+                                if "margin mean" in _quality_metrics(group) else
+                                " (more documents per task would be needed)."))
         speed = group.dropna(subset=["out tok/s"])
         if len(speed) and "speedup" in speed:
             fastest = speed.sort_values("out tok/s", ascending=False).iloc[0]
@@ -304,6 +336,8 @@ def _human_quality(table: pd.DataFrame) -> pd.DataFrame:
         if column.startswith("acc ") and not column.endswith(" se"):
             name = "Mean acc" if column == "acc mean" else TASK_NAMES.get(column[4:], column[4:]) + " acc"
             out[f"{name} (% ± SE)"] = [_acc_text(r, column) for _, r in table.iterrows()]
+    if "margin mean" in _quality_metrics(table):
+        out["Mean gold margin (nats ± SE)"] = [_margin_text(r, "margin mean") for _, r in table.iterrows()]
     out["Prune time (s)"] = table["prune_seconds"]
     return out
 
@@ -321,6 +355,13 @@ def _acc_text(row: pd.Series, column: str) -> str | None:
         return None
     se = row.get(f"{column} se", math.nan)
     return f"{row[column] * 100:.1f}" + ("" if pd.isna(se) else f" ± {se * 100:.1f}")
+
+
+def _margin_text(row: pd.Series, column: str) -> str | None:
+    if pd.isna(row.get(column)):
+        return None
+    se = row.get(f"{column} se", math.nan)
+    return f"{row[column]:+.3f}" + ("" if pd.isna(se) else f" ± {se:.3f}")
 
 
 def _human_serving(table: pd.DataFrame) -> pd.DataFrame:
@@ -363,9 +404,10 @@ def _human_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
         if column.startswith("d ") and not column.endswith((" low", " high")):
             metric = column[2:]
             ppl = metric.startswith("ppl ")
-            name = (f"Δ log-ppl {DATASET_NAMES.get(metric[4:], metric[4:])}" if ppl else "Δ mean acc (points)")
-            out[f"{name} [95% CI]"] = [_bold(r, column, "+.3f" if ppl else "+.1f", 1 if ppl else 100)
-                                       for _, r in pairs.iterrows()]
+            name = (f"Δ log-ppl {DATASET_NAMES.get(metric[4:], metric[4:])}" if ppl else "Δ mean acc (points)"
+                    if metric == "acc mean" else "Δ gold margin (nats)")
+            fmt, scale = ("+.3f", 1) if ppl else ZEROSHOT_STATISTICS[metric][2:]
+            out[f"{name} [95% CI]"] = [_bold(r, column, fmt, scale) for _, r in pairs.iterrows()]
     return out
 
 

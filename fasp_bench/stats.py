@@ -3,9 +3,11 @@
 - Perplexity: every window's mean token NLL is stored; perplexity is exp(mean over windows) (windows have the
   same length), so a percentile bootstrap over windows gives its interval, and a paired bootstrap over the same
   windows gives the interval of a difference in log-perplexity between two models.
-- Zero-shot: every document's correctness is stored; accuracy has lm-eval's standard error (sample standard
-  deviation / sqrt(n)), and a difference between two models is bootstrapped over the same documents, each task
-  resampled on its own (stratified) so a task's weight in the mean stays fixed.
+- Zero-shot: every document's correctness and log-likelihood margin (gold choice minus the best wrong one) are
+  stored; their means have lm-eval's standard error (sample standard deviation / sqrt(n)), and a difference
+  between two models is bootstrapped over the same documents, each task resampled on its own (stratified) so a
+  task's weight in the mean stays fixed. The margin is continuous, so its paired difference resolves far
+  smaller effects than 0/1 correctness does on the same documents.
 - A difference is *resolved* when its 95% interval excludes zero.
 """
 
@@ -62,21 +64,22 @@ def paired_log_ppl_difference(nll_a: Sequence[float], nll_b: Sequence[float]) ->
     return Interval(float(diff.mean()), *_percentiles(_resample_means(diff, np.random.default_rng(SEED))))
 
 
-def accuracy_stderr(correct: Sequence[float]) -> float:
+def mean_stderr(values: Sequence[float]) -> float:
     """lm-eval's standard error of a mean: sample standard deviation / sqrt(n)."""
-    values = np.asarray(correct, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
-def mean_accuracy_stderr(stderrs: Sequence[float]) -> float:
-    """Standard error of the unweighted mean of independent task accuracies."""
+def task_mean_stderr(stderrs: Sequence[float]) -> float:
+    """Standard error of the unweighted mean of independent per-task means (accuracies or margins)."""
     return math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)
 
 
-def paired_accuracy_difference(tasks_a: Sequence[Sequence[float]], tasks_b: Sequence[Sequence[float]]) -> Interval:
-    """Mean over tasks of acc(a) - acc(b), each task paired over its documents; 95% stratified paired bootstrap."""
+def paired_document_difference(tasks_a: Sequence[Sequence[float]], tasks_b: Sequence[Sequence[float]]) -> Interval:
+    """Mean over tasks of the per-document mean of a - b (correctness or margin), each task paired over its
+    documents; 95% stratified paired bootstrap."""
     if len(tasks_a) != len(tasks_b) or not tasks_a:
-        raise ValueError("paired accuracy needs the same, non-empty list of tasks for both models")
+        raise ValueError("a paired zero-shot difference needs the same, non-empty list of tasks for both models")
     rng = np.random.default_rng(SEED)
     estimate, samples = 0.0, np.zeros(RESAMPLES)
     for a, b in zip(tasks_a, tasks_b):

@@ -17,12 +17,15 @@ from .errors import BenchError
 from .report import (
     DATASET_NAMES,
     TASK_NAMES,
+    ZEROSHOT_STATISTICS,
     Items,
     _acc_text,
     _interval_text,
+    _margin_text,
     _ppl_text,
     _quality_metrics,
     _speedup_text,
+    _task_mean,
     _tasks,
     difference,
     model_table,
@@ -69,12 +72,18 @@ def _restrict_tasks(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     if unknown:
         raise BenchError(f"no zero-shot results for task(s) {', '.join(unknown)}: the results hold "
                          f"{', '.join(_tasks(table)) or 'none'}")
-    table = table.drop(columns=[c for c in table.columns
-                                if c.startswith("acc ") and c != "acc mean" and c.split()[1] not in tasks])
+    table = table.drop(columns=[c for c in table.columns if c.startswith(("acc ", "margin "))
+                                and c.split()[1] != "mean" and c.split()[1] not in tasks])
     table["acc mean"] = table[[f"acc {t}" for t in tasks]].mean(axis=1, skipna=False)
     se = table[[f"acc {t} se" for t in tasks]] if all(f"acc {t} se" in table for t in tasks) else None
-    table["acc mean se"] = (None if se is None else [stats.mean_accuracy_stderr(list(r)) if r.notna().all() else None
+    table["acc mean se"] = (None if se is None else [stats.task_mean_stderr(list(r)) if r.notna().all() else None
                                                      for _, r in se.iterrows()])
+    if "margin mean" in table:
+        margins = [dict(r) for _, r in table.iterrows()]
+        for row in margins:
+            _task_mean(row, "margin", tasks)
+        table["margin mean"] = [r["margin mean"] for r in margins]
+        table["margin mean se"] = [r["margin mean se"] for r in margins]
     return table
 
 
@@ -97,32 +106,35 @@ def study_tables(table: pd.DataFrame, items: dict[tuple[str, str], Items], basel
     table = _restrict_tasks(table, tasks) if tasks else table
     tagged = table["tag"].nunique() > 1
     sections = []
+    over = ", ".join(TASK_NAMES.get(t, t) for t in _tasks(table))
     for metric in _quality_metrics(table):
         ppl = metric.startswith("ppl ")
         dense = table[(table["method"] == "dense") & table[metric].notna()]
-        name = (DATASET_NAMES.get(metric[4:], metric[4:]) if ppl else
-                f"mean zero-shot accuracy (%) over {', '.join(TASK_NAMES.get(t, t) for t in _tasks(table))}")
+        if ppl:
+            name, unit, fmt, scale, value = DATASET_NAMES.get(metric[4:], metric[4:]), "Δ log-ppl", "+.3f", 1, _ppl_text
+        else:
+            name, unit, fmt, scale = ZEROSHOT_STATISTICS[metric]
+            acc = metric == "acc mean"
+            name, value = f"{name}{' (%)' if acc else ''} over {over}", _acc_text if acc else _margin_text
         header = f"### {name}"
         if len(dense):
-            text = _ppl_text(dense.iloc[0], metric) if ppl else _acc_text(dense.iloc[0], metric)
-            header += f", dense: {text}"
+            header += f", dense: {value(dense.iloc[0], metric)}"
         columns = (["tag"] if tagged else []) + ["sparsity", "configuration",
-                                                 "perplexity [95%]" if ppl else "accuracy ± SE"]
-        columns += [f"Δ {'log-ppl' if ppl else 'points'} vs {b}" for b in baselines]
+                                                 "perplexity [95%]" if ppl else "mean ± SE"]
+        columns += [f"{unit} vs {b}" for b in baselines]
         rows = []
         pruned = table[(table["method"] != "dense") & table[metric].notna()]
         for (tag, sparsity), group in pruned.groupby(["tag", "sparsity"], sort=True):
             reference = {m: r for m, r in ((r["method"], r) for _, r in group.iterrows()) if m in baselines}
             for _, row in group.iterrows():
-                cells = ([tag] if tagged else []) + [f"{sparsity:.0%}", row["method"],
-                                                     _ppl_text(row, metric) if ppl else _acc_text(row, metric)]
+                cells = ([tag] if tagged else []) + [f"{sparsity:.0%}", row["method"], value(row, metric)]
                 for baseline in baselines:
                     other = reference.get(baseline)
                     if other is None or other["model"] == row["model"]:
                         cells.append("")
                         continue
                     d = difference(items[(tag, row["model"])], items[(tag, other["model"])], metric, _tasks(table))
-                    cells.append(_interval_text(d, "+.3f") if ppl else _interval_text(d, "+.1f", 100))
+                    cells.append(_interval_text(d, fmt, scale))
                     cells[-1] += " *" if d is not None and d.resolved else ""
                 rows.append(cells)
         sections += [header, "", pd.DataFrame(rows, columns=columns).to_markdown(index=False, disable_numparse=True),

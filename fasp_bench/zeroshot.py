@@ -169,10 +169,29 @@ def evaluate_task(lm, task: str, data_root: Path | None, limit: int | None = Non
         except (OSError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise BenchError(f"zero-shot task {task} could not run: {first}") from None
-    scores = out["results"][task]
-    samples = out.get("n-samples", {}).get(task, {})
-    # per-document correctness in document order: the report's standard errors and paired comparisons
-    logged = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
+        scores = out["results"][task]
+        samples = out.get("n-samples", {}).get(task, {})
+        # per-document correctness in document order: the report's standard errors and paired comparisons
+        logged = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
+        scorer = manager.load(task)["tasks"][task]  # the Task that scored the samples: its gold rule
     return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"), "bos": lm.add_bos_token,
             "docs": samples.get("effective"), "docs_total": samples.get("original"),
-            "doc_ids": [sample["doc_id"] for sample in logged], "doc_acc": [sample["acc"] for sample in logged]}
+            "doc_ids": [sample["doc_id"] for sample in logged], "doc_acc": [sample["acc"] for sample in logged],
+            "doc_margin": [gold_margin(scorer, sample) for sample in logged]}
+
+
+def gold_margin(task, sample: dict) -> float:
+    """Log-likelihood of the gold choice minus that of the best wrong choice (> 0 exactly when acc is 1,
+    ties aside): a per-document statistic with far more power than 0/1 correctness when methods are paired.
+
+    `task` is the lm-eval Task that scored the logged `sample`; the gold index is found the way lm-eval's
+    multiple-choice scoring finds it (the input's index for multiple-input tasks such as WinoGrande, else the
+    target, a choice's text or its index).
+    """
+    doc = sample["doc"]
+    choices = task.doc_to_choice(doc)
+    lls = [float(resp[0]) for resp in sample["filtered_resps"]][:len(choices)]  # [:n]: mutual-info extras
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    golds = gold if isinstance(gold, list) else [gold]
+    golds = {choices.index(g) if isinstance(g, str) else int(g) for g in golds}
+    return max(lls[g] for g in golds) - max(ll for i, ll in enumerate(lls) if i not in golds)

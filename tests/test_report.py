@@ -78,9 +78,45 @@ def test_report_with_per_item_data_has_intervals_pairs_and_findings(tmp_path):
     assert "WikiText-2 perplexity: fasp is lowest" in findings
     assert "over flap: resolved (Δ log-ppl -0.3" in findings
     assert "mean zero-shot accuracy" in findings and "over flap: not resolved" in findings
-    assert "Zero-shot does not rank these methods at this profile" in findings
+    assert "Accuracy does not rank these methods at this profile" in findings
+    assert "(more documents per task would be needed)" in findings  # these records hold no margins
     for plot in PLOTS:
         assert (tmp_path / "reports" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_findings_let_the_paired_margin_decide_where_accuracy_cannot(tmp_path):
+    """Two methods whose gold margins differ by a small shift on every document: accuracy (the margin's sign)
+    resolves nothing, the paired margin does, and the Findings say which statistic decided."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    store = ResultsStore(tmp_path / "results.jsonl")
+    base = {task: rng.normal(0.2, 1.5, size=300) for task in ("piqa", "arc_easy")}
+    models = [{"label": "dense", "fingerprint": "dense", "sparsity_realised": 0.0, "model_sparsity_realised": 0.0}]
+    for label, shift in (("dense", 0.3), ("fasp", 0.0), ("flap", -0.04)):
+        for task, margin in base.items():
+            margin = margin + shift + rng.normal(0, 0.3, size=len(margin))
+            store.add(label, "zeroshot", {"task": task, "limit": 300},
+                      {"acc": float((margin > 0).mean()), "doc_ids": list(range(len(margin))),
+                       "doc_acc": (margin > 0).astype(float).tolist(), "doc_margin": margin.tolist()})
+        if label != "dense":
+            models.append({"label": f"{label}-0.2", "method": label, "sparsity": 0.2, "fingerprint": label,
+                           "params": 90, "sparsity_realised": 0.2, "model_sparsity_realised": 0.1,
+                           "prune_seconds": 1.0})
+    store.add("-", "run", {}, {"profile": "minimal", "model": "m", "models": models, "calibration": "c",
+                               "ppl_note": "p", "zeroshot_note": "z", "serve_note": "not run", "ppl_match": {},
+                               "zeroshot_match": {"limit": 300}, "serve_match": {"prompts": -1}})
+    table, items = model_table(store.records())
+    fasp = table.set_index("model").loc["fasp-0.2"]
+    expected = np.mean([np.mean(items["fasp-0.2"].margins[t][1]) for t in base])  # tasks weigh equally
+    assert fasp["margin mean"] == pytest.approx(expected)
+    text = write_report(tmp_path / "results.jsonl", tmp_path / "reports").read_text()
+    findings = text.split("## Findings")[1].split("## Quality")[0]
+    assert "Accuracy does not rank these methods" in findings
+    assert "the paired log-likelihood margin below is the statistic that decides" in findings
+    margin_line = next(line for line in findings.splitlines() if "log-likelihood margin of the gold choice" in line)
+    assert "fasp is highest" in margin_line and "over flap: resolved (Δ nats +0.0" in margin_line
+    assert "Mean gold margin (nats ± SE)" in text and "Δ gold margin (nats)" in text
 
 
 def _synthetic_run(path: Path, window_nll: dict[str, list[float]]) -> None:

@@ -117,6 +117,8 @@ def test_each_task_scores_a_tiny_model(data_root, tiny_model_dirs, monkeypatch, 
     expected = sum(record["gold"] == _pick(record) for record in first) / limit
     assert 0 < expected < 1  # a pick that is sometimes right, sometimes wrong
     assert result["acc"] == pytest.approx(expected)
+    # the gold margin: 0 - (-1) where the pick is gold, -1 - 0 where it is not, read from the file's gold field
+    assert result["doc_margin"] == [1.0 if record["gold"] == _pick(record) else -1.0 for record in first]
     assert (result["docs"], result["docs_total"]) == (limit, len(records))
     # lm-eval scores BoolQ and WinoGrande by acc only; acc_norm divides by the choice's length, same winner
     assert result["acc_norm"] == (None if name in ("boolq", "winogrande") else pytest.approx(expected))
@@ -153,3 +155,9 @@ def test_the_vllm_backend_scores_documents_as_transformers_does(cli, servable_mo
     assert stores["vllm"]["protocol"]["backend"] == "vllm" and "backend" not in stores["hf"]["protocol"]
     assert stores["vllm"]["result"]["doc_ids"] == stores["hf"]["result"]["doc_ids"]
     assert stores["vllm"]["result"]["doc_acc"] == stores["hf"]["result"]["doc_acc"]
+    hf, served = (stores[b]["result"]["doc_margin"] for b in ("hf", "vllm"))
+    # the same per-choice log-likelihoods, so the same margins: on this random model they run to -70 nats, and
+    # vLLM's CPU prompt logprobs put one ARC-e document 0.9 nats (2%) away from transformers' in float32
+    assert served == pytest.approx(hf, rel=0.05, abs=1e-3)
+    # a margin is positive exactly where the document is right (no ties among real log-likelihoods)
+    assert [m > 0 for m in hf] == [acc == 1.0 for acc in stores["hf"]["result"]["doc_acc"]]
