@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 PLOTS = ("perplexity.png", "zeroshot.png", "throughput.png", "pareto.png", "memory.png")
 SWEEP_PLOT = "sweep.png"  # only where the run measured more than one decode batch size
+WIDTHS_PLOT = "widths.png"  # only where the store's prune records hold per-layer widths
 
 
 def _errors(rows: pd.DataFrame, column: str, low: str, high: str) -> list | None:
@@ -108,6 +109,29 @@ def plot_sweep(sweep: pd.DataFrame, out: Path) -> list[str]:
     ax.legend(fontsize=7)
     _save(fig, out / SWEEP_PLOT)
     return [SWEEP_PLOT]
+
+
+def plot_widths(widths: pd.DataFrame, out: Path) -> list[str]:
+    """Per-layer FFN width (top) and V head width (bottom) of every method, one column per sparsity, the dense
+    widths dashed."""
+    if widths.empty or (widths["method"] != "dense").sum() == 0:
+        return []
+    pruned = widths[widths["method"] != "dense"]
+    sparsities = sorted(pruned["sparsity"].unique())
+    fig, axes = plt.subplots(2, len(sparsities), figsize=(5.5 * len(sparsities), 7), squeeze=False)
+    for col, sparsity in enumerate(sparsities):
+        rows = widths[widths["sparsity"] == sparsity]
+        for row, column in enumerate(("ffn width", "v width")):
+            ax = axes[row][col]
+            for method in dict.fromkeys(rows["method"]):
+                layer_rows = rows[rows["method"] == method].sort_values("layer")
+                dense = method == "dense"
+                ax.plot(layer_rows["layer"], layer_rows[column], marker=None if dense else ".", label=method,
+                        linestyle="--" if dense else "-", color="gray" if dense else None)
+            ax.set(title=f"{column} per layer at {sparsity:.0%}", xlabel="layer", ylabel=column)
+            ax.legend(fontsize=7)
+    _save(fig, out / WIDTHS_PLOT)
+    return [WIDTHS_PLOT]
 
 
 def _save(fig, path: Path) -> None:

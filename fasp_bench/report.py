@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import stats
 from .errors import BenchError
-from .plots import PLOTS, plot_all, plot_sweep
+from .plots import PLOTS, plot_all, plot_sweep, plot_widths
 from .serving.bench import ENGINE_PPL_TOLERANCE, ServeProtocol, point_kind, ppl_gap
 from .serving.roofline import share
 from .store import ResultsStore
@@ -128,6 +128,21 @@ def _task_mean(row: dict | pd.Series, statistic: str, tasks: list[str]) -> None:
     row[f"{statistic} mean"] = float(np.mean(values)) if complete else None
     row[f"{statistic} mean se"] = (stats.task_mean_stderr([row[f"{statistic} {t} se"] for t in tasks]) if complete
                                    else None)
+
+
+def width_table(plan: dict) -> pd.DataFrame:
+    """Per pruned model and layer: FFN width and V head width, beside the dense model's (from the prune records
+    the run holds; a record older than widths in the store contributes nothing)."""
+    rows = []
+    for model in plan["models"]:
+        for source, method in (("dense_widths", "dense"), ("widths", model.get("method"))):
+            widths = model.get(source)
+            if not widths or not method:
+                continue
+            for layer, (ffn, v) in enumerate(zip(widths["ffn_widths"], widths["v_head_dims"])):
+                rows.append({"method": method, "sparsity": model["sparsity"], "layer": layer, "ffn width": ffn,
+                             "v width": v})
+    return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
 
 
 def sweep_table(records: list[dict], models: list[dict], points: list[dict]) -> pd.DataFrame:
@@ -444,6 +459,7 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
     plots = plot_all(table, out)
     sweep = sweep_table(records, plan["models"], plan.get("sweep_match") or [])
     plots += plot_sweep(sweep, out)
+    plots += plot_widths(width_table(plan), out)
     if Path(results).resolve() != (out / "results.jsonl").resolve():
         shutil.copyfile(results, out / "results.jsonl")
     lines = [

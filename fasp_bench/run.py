@@ -273,8 +273,10 @@ def _prune(job: PruneJob, spec: str, work_dir: Path, store: ResultsStore, dense_
             "checkpoint": str(out), "checkpoint_fingerprint": meta["fingerprint"]["sha256_20"],
             "sparsity_realised": meta["sparsity_realised"], "model_sparsity_realised": meta["model_sparsity_realised"],
             "params_before": meta["total_params"]["before"], "params": meta["total_params"]["after"],
-            "prune_seconds": meta["prune_seconds"], "device": meta["device"], "dtype": meta["dtype"]}, model=label)
+            "prune_seconds": meta["prune_seconds"], "device": meta["device"], "dtype": meta["dtype"],
+            "widths": meta["layers"], "dense_widths": meta.get("dense_layers")}, model=label)
     r = record["result"]
     return {"label": label, "method": spec, "sparsity": job.sparsity, "fingerprint": r["checkpoint_fingerprint"],
             "path": str(out), **{k: r[k] for k in ("params", "params_before", "sparsity_realised",
-                                                   "model_sparsity_realised", "prune_seconds")}}
+                                                   "model_sparsity_realised", "prune_seconds")},
+            **{k: r[k] for k in ("widths", "dense_widths") if r.get(k)}}

@@ -11,11 +11,13 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from .arch import ArchAdapter, Coupling, get_adapter
-from .budget import Alignment, check_sparsity, global_removals, nearest, prunable_params, total_params, uniform_removals
-from .calibrate import InputStats, capture_block_inputs, collect_input_stats, run_block
+from .budget import Alignment, check_sparsity, global_plan, prunable_params, total_params, uniform_removals
+from .calibrate import capture_block_inputs, collect_input_stats, run_block
 from .errors import PruningError
 from .methods import PruningMethod, get_method, keep_top_units
+from .scoring import ScoredLayer, score_on_dense_activations
 from .surgery import cut, kept_columns
+from .width_search import search_widths
 
 
 @dataclass
@@ -108,10 +110,17 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
     device = blocks.device
     layers = adapter.layers(model)
     prunable_before, total_before = prunable_params(adapter, layers), total_params(model)
+    dense_shapes = [adapter.layer_shape(layer) for layer in layers]
     kept_units: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     plan = (None if pruner.allocation == "global"
             else uniform_removals(adapter, layers, sparsity, pruner.attention_unit, alignment))
+    search_record = None
     with torch.no_grad():
+        if pruner.allocation == "search" and any(n for layer_plan in plan for n in layer_plan.values()):
+            plan, search_record = search_widths(
+                model, adapter, pruner, blocks, calibration, sparsity, alignment, batch_size=batch_size,
+                storage=torch.device("cpu") if offload_activations else device, progress=progress,
+                desc=f"{method} {sparsity:.0%}")
         if plan is not None and not any(n for layer_plan in plan for n in layer_plan.values()):
             for i, layer in enumerate(layers):  # nothing to remove: blocks pass through unchanged
                 blocks.load(i, layer)
@@ -124,11 +133,11 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
             # a global plan needs every block's scores before any block is cut; "dense" propagation cuts with them
             if plan is None or pruner.propagation == "dense":
                 inputs = capture_block_inputs(model, layers[0], batches, device, storage)
-                scored = _score_on_dense_activations(pruner, adapter, layers, blocks, inputs, progress,
+                scored = score_on_dense_activations(pruner, adapter, layers, blocks, inputs, progress,
                                                      desc if pruner.propagation == "dense" else f"{desc} plan")
                 del inputs
             if plan is None:
-                plan = _global_plan(scored, adapter, alignment, sparsity, prunable_before)
+                plan = global_plan(scored, adapter, alignment, sparsity, prunable_before)
             if pruner.propagation == "dense":
                 for i, (layer, entry) in enumerate(zip(layers, scored)):
                     blocks.load(i, layer)
@@ -172,67 +181,19 @@ def prune_blocks(model: PreTrainedModel, adapter: ArchAdapter, pruner: PruningMe
         "alignment": alignment.describe(),
         "family": adapter.family.name,
         "architecture": type(model).__name__,
-        "layers": {
-            "ffn_widths": [s.ffn_width for s in shapes],
-            "kv_heads": [s.kv_heads for s in shapes],
-            "v_head_dims": [s.v_head_dim for s in shapes],
-        },
+        "layers": _widths(shapes),
+        "dense_layers": _widths(dense_shapes),
         **({"method_decisions": pruner.decisions()} if pruner.decisions() else {}),
+        **({"width_search": search_record} if search_record else {}),
         "fasp_bench_version": __version__,
         "notes": _notes(pruner, method, stock_kv_heads, shapes),
     }
     return PruneResult(model, metadata, kept_units)
 
 
-@dataclass
-class ScoredLayer:
-    """One layer scored on the dense model's activations (per coupling name)."""
-
-    couplings: list[Coupling]
-    scores: dict[str, torch.Tensor]  # unit scores: which units a cut keeps
-    allocation: dict[str, torch.Tensor]  # comparable across layers: how many a global plan removes
-    costs: dict[str, int]  # parameters removed with one unit
-    stats: dict[str, InputStats]  # per consumer
-
-
-def _score_on_dense_activations(pruner: PruningMethod, adapter: ArchAdapter, layers, blocks, inputs, progress: bool,
-                                desc: str) -> list[ScoredLayer]:
-    """Every block scored on the dense model's activations. The statistics keep the Gram only where the
-    cut will use them."""
-    with_gram = pruner.needs_gram and pruner.propagation == "dense"
-    scored = []
-    for i, layer in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
-        blocks.load(i, layer)
-        couplings = adapter.couplings(layer, pruner.attention_unit)
-        stats = collect_input_stats(layer, inputs, [c.consumer for c in couplings], with_gram, advance=True,
-                                    relative=pruner.relative_allocation, output_norms=dict(adapter.family.output_norms))
-        scores, allocation, costs = {}, {}, {c.name: c.unit_cost(layer) for c in couplings}
-        for c in couplings:
-            consumer = layer.get_submodule(c.consumer)
-            scores[c.name] = pruner.unit_scores(c, pruner.column_scores(c, consumer.weight, stats[c.consumer]))
-            allocation[c.name] = pruner.allocation_scores(c, scores[c.name], consumer, stats[c.consumer],
-                                                          costs[c.name])
-        scored.append(ScoredLayer(couplings, scores, allocation, costs, stats))
-        blocks.release(i, layer, final=False)
-    return scored
-
-
-def _global_plan(scored: list[ScoredLayer], adapter: ArchAdapter, alignment: Alignment, sparsity: float,
-                 prunable: int) -> list[dict[str, int]]:
-    """One threshold on the allocation scores of every layer, each count then snapped to its nearest aligned
-    one (within one aligned unit per layer; equal counts per KV head). V keeps at least one dimension per head:
-    a layer's attention goes only with whole heads."""
-    plan = global_removals([e.allocation for e in scored], [e.costs for e in scored], sparsity, prunable)
-    snapped = []
-    for i, e in enumerate(scored):
-        layer_plan = {}
-        for c in e.couplings:
-            allowed = alignment.removals(c, adapter.head_dim, adapter.groups)
-            if c.unit == "v_dim":
-                allowed = [n for n in allowed if n < c.num_units]
-            layer_plan[c.name] = nearest(allowed, plan[i][c.name])
-        snapped.append(layer_plan)
-    return snapped
+def _widths(shapes: list) -> dict[str, list[int]]:
+    return {"ffn_widths": [s.ffn_width for s in shapes], "kv_heads": [s.kv_heads for s in shapes],
+            "v_head_dims": [s.v_head_dim for s in shapes]}
 
 
 def _notes(pruner: PruningMethod, method: str, stock_kv_heads: int, shapes: list) -> list[str]:

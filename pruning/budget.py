@@ -135,3 +135,19 @@ def global_removals(unit_scores: list[dict[str, torch.Tensor]], unit_costs: list
             plan[i][name] += 1
             removed += costs[k]
     return plan
+
+
+def partial_removals(coupling: Coupling, adapter: ArchAdapter, alignment: Alignment) -> list[int]:
+    """The aligned removal counts of `coupling` that leave a layer's attention in place: V keeps at least one
+    dimension per head (a layer's attention goes only with whole heads)."""
+    allowed = alignment.removals(coupling, adapter.head_dim, adapter.groups)
+    return [n for n in allowed if n < coupling.num_units] if coupling.unit == "v_dim" else allowed
+
+
+def global_plan(scored: list, adapter: ArchAdapter, alignment: Alignment, sparsity: float,
+                prunable: int) -> list[dict[str, int]]:
+    """One threshold on the allocation scores of every layer (`scoring.ScoredLayer`s), each count then snapped
+    to its nearest aligned one (within one aligned unit per layer; equal counts per KV head)."""
+    plan = global_removals([e.allocation for e in scored], [e.costs for e in scored], sparsity, prunable)
+    return [{c.name: nearest(partial_removals(c, adapter, alignment), plan[i][c.name]) for c in e.couplings}
+            for i, e in enumerate(scored)]

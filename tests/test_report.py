@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fasp_bench.report import PLOTS, model_table, paired_table, sweep_table, write_report
+from fasp_bench.report import PLOTS, model_table, paired_table, sweep_table, width_table, write_report
 from fasp_bench.store import ResultsStore
 
 FIXED = Path(__file__).parent / "data" / "results_minimal.jsonl"  # a real minimal run, before per-item data was kept
@@ -239,6 +239,16 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
     assert len(fingerprints) == 2  # different weights, so different evaluation records too
     text = (tmp_path / "reports" / "README.md").read_text()
     assert "| fasp:restore=false-0.3 " in text and "fasp:restore=false vs fasp" in text
+    # the widths plot renders the store's per-layer widths: the checkpoint's own, beside the dense config's
+    for folder in folders:
+        recorded = json.loads((tmp_path / "runs" / "checkpoints" / folder / "pruning.json").read_text())
+        label = "fasp-0.3" if folder.endswith("-fasp-0.3") else "fasp:restore=false-0.3"
+        assert prunes[label]["result"]["widths"] == recorded["layers"]
+    widths = width_table(json.loads(store.read_text().splitlines()[-1])["result"])
+    dense = widths[widths["method"] == "dense"]
+    assert list(dense["ffn width"]) == [96] * 3 and list(dense["v width"]) == [16] * 3
+    assert (widths[widths["method"] == "fasp"]["ffn width"] < 96).all()
+    assert "![widths](widths.png)" in text and (tmp_path / "reports" / "widths.png").stat().st_size > 5000
 
     code, _, err = cli(*args, data=data_root)
     assert code == 0, err

@@ -21,7 +21,10 @@ did not help there and is off by default. On Gemma-3-270M adaptive widths hurt, 
   ||norm(y_t)||^2 / ||y_t||^2 on the consumer's output y_t: the norm, not W, sets what reaches the stream
   (on Gemma-3-270M its mean over 512 calibration tokens runs from 0.4 to 2e9 across layers; without it the
   plan emptied the last five FFNs).
-  "uniform" removes the same fraction everywhere, as `fasp` does.
+  "uniform" removes the same fraction everywhere, as `fasp` does. "search" chooses every layer's FFN and V width
+  by evolutionary search against the dense model's next-token distribution on calibration windows
+  (`pruning.width_search`), starting from the better of the adaptive and uniform widths; generations, offspring
+  and selection_tokens (tokens per selection step, ascending, '/'-separated) set its budget.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ..errors import PruningError
 from . import register
 from .fasp import FASP
 
-WIDTHS = {"adaptive": "global", "uniform": "uniform"}
+WIDTHS = {"adaptive": "global", "uniform": "uniform", "search": "search"}
 
 
 @register
@@ -44,10 +47,22 @@ class FASPPlus(FASP):
     name = "fasp-plus"
 
     def __init__(self, target: str = "pruned", intercept: bool = True, damping: str = "auto",
-                 damping_toward: str = "original", widths: str = "adaptive"):
+                 damping_toward: str = "original", widths: str = "adaptive", generations: int = 20,
+                 offspring: int = 8, selection_tokens: str = "1024/4096"):
         restoration.check_options(target=target)
         if widths not in WIDTHS:
-            raise PruningError(f"unknown widths {widths!r}: choose {' or '.join(WIDTHS)}")
+            raise PruningError(f"unknown widths {widths!r}: choose {', '.join(WIDTHS)}")
+        if isinstance(generations, bool) or not isinstance(generations, int) or generations < 0:
+            raise PruningError(f"generations {generations!r} must be a whole number >= 0")
+        if isinstance(offspring, bool) or not isinstance(offspring, int) or offspring < 1:
+            raise PruningError(f"offspring {offspring!r} must be a whole number >= 1")
+        try:
+            tokens = tuple(int(t) for t in str(selection_tokens).split("/"))
+        except ValueError:
+            tokens = ()
+        if not tokens or min(tokens) < 1 or list(tokens) != sorted(tokens):
+            raise PruningError(f"selection_tokens {selection_tokens!r} must be ascending token counts, "
+                               "one per selection step, separated by '/', e.g. 1024/4096")
         if damping != "auto":
             try:
                 damping = float(damping)
@@ -58,6 +73,7 @@ class FASPPlus(FASP):
         self.target = target
         self.intercept = intercept
         self.widths = widths
+        self.generations, self.offspring, self.selection_tokens = generations, offspring, tokens
         self.allocation = WIDTHS[widths]
         self.needs_dense_inputs = target == "dense"
         self.folds = 2 if damping == "auto" else 1
@@ -68,6 +84,8 @@ class FASPPlus(FASP):
         damping = self.damping
         if damping == "auto" and not len(keep_columns):  # every column cut: no weight left to damp
             damping = 0.0
+        elif damping == "auto" and where in self.chosen_damping:  # cut again (the width search's levels)
+            damping = self.chosen_damping[where]
         elif damping == "auto":
             damping = restoration.choose_damping(consumer.weight, consumer.bias, stats, keep_columns, self.target,
                                                  self.intercept, self.damping_toward)
@@ -81,8 +99,10 @@ class FASPPlus(FASP):
         return column_energy[coupling.columns].sum(-1) / unit_cost
 
     def describe(self) -> dict:
+        search = ({"generations": self.generations, "offspring": self.offspring,
+                   "selection_tokens": "/".join(map(str, self.selection_tokens))} if self.widths == "search" else {})
         return {"target": self.target, "intercept": self.intercept, "damping": self.damping,
-                "damping_toward": self.damping_toward, "widths": self.widths}
+                "damping_toward": self.damping_toward, "widths": self.widths, **search}
 
     def decisions(self) -> dict:
         return {"damping": dict(self.chosen_damping)} if self.chosen_damping else {}
