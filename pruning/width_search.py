@@ -44,7 +44,7 @@ from .scoring import ScoredLayer, score_on_dense_activations
 from .surgery import cut, kept_columns
 
 LEVELS_PER_LAYER = 12  # a level is 1/12 of a layer's share of the request: SmolLM2 at 20%, 34 FFN neurons
-LEVEL_CAP = 2.5  # a module loses at most 2.5 layer shares: bounds the database (and the adaptive plan's extremes)
+LEVEL_CAP = 2.0  # a module loses at most 2 layer shares: bounds the database (and the adaptive plan's extremes)
 MAX_MOVES = 6
 SURVIVING = 4  # each selection step keeps the best 1/SURVIVING of its candidates for the next
 SEED = 0
@@ -178,6 +178,7 @@ class WidthSearch:
         self.batch_size, self.storage, self.progress = batch_size, storage, progress
         self.database = Database(folder)
         self.levels = level_grid(adapter, self.layers, pruner.attention_unit, sparsity, alignment)
+        self.uniform = uniform_removals(adapter, self.layers, sparsity, pruner.attention_unit, alignment)
         self.couplings = [{c.name: c for c in adapter.couplings(layer, pruner.attention_unit)} for layer in self.layers]
         self.evaluated: list[tuple[int, ...]] = []  # every candidate whose fitness was computed, in order
         self._dense: dict[int, list[torch.Tensor]] = {}  # windows -> the dense model's last hidden states
@@ -194,7 +195,10 @@ class WidthSearch:
             for m in by_layer.get(i, []):
                 c = self.couplings[i][self.levels.modules[m].name]
                 consumer = layer.get_submodule(c.consumer)
-                for n in sorted({self.levels.removal(m, lv) for lv in range(1, self.levels.modules[m].top + 1)} - {0}):
+                # the uniform share first: FASP-plus's held-out damping is chosen there, then kept for every level
+                share = self.uniform[i].get(c.name, 0)
+                removals = {self.levels.removal(m, lv) for lv in range(1, self.levels.modules[m].top + 1)} - {0}
+                for n in sorted(removals, key=lambda n: (abs(n - share), n)):
                     keep = keep_top_units(entry.scores[c.name], n, c.groups)
                     weight, bias = restorer.restore(consumer, entry.stats[c.consumer], kept_columns(c, keep),
                                                     where=f"layers.{i}.{c.consumer}")
@@ -278,8 +282,7 @@ class WidthSearch:
         built = time.perf_counter()
         steps = [self._windows(t) for t in tokens]
         last = steps[-1]
-        starts = {"uniform": self.levels.from_plan(uniform_removals(self.adapter, self.layers, self.sparsity,
-                                                                    self.pruner.attention_unit, self.alignment)),
+        starts = {"uniform": self.levels.from_plan(self.uniform),
                   "adaptive": self.levels.from_plan(global_plan(scored, self.adapter, self.alignment, self.sparsity,
                                                                 prunable_params(self.adapter, self.layers)))}
         start_kl = dict(zip(starts, self.fitness(list(starts.values()), last)))
@@ -307,6 +310,7 @@ class WidthSearch:
             "generations": generations, "offspring": offspring,
             "selection_tokens": [w * self.calibration.shape[1] for w in steps],
             "evaluations": len(self.evaluated), "trace": trace,
+            "database_bytes": sum(f.stat().st_size for f in self.database.folder.iterdir()),
             "seconds": {"database": built - started, "search": time.perf_counter() - built},
         }
         return self.levels.plan(parent, len(self.layers)), record

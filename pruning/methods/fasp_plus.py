@@ -47,7 +47,7 @@ class FASPPlus(FASP):
     name = "fasp-plus"
 
     def __init__(self, target: str = "pruned", intercept: bool = True, damping: str = "auto",
-                 damping_toward: str = "original", widths: str = "adaptive", generations: int = 20,
+                 damping_toward: str = "original", widths: str = "adaptive", generations: int = 16,
                  offspring: int = 8, selection_tokens: str = "1024/4096"):
         restoration.check_options(target=target)
         if widths not in WIDTHS:
