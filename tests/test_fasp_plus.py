@@ -100,7 +100,10 @@ def test_adaptive_widths_meet_the_size_and_follow_the_layers(calibration):
 
 @pytest.mark.parametrize("spec, message", [("fasp-plus:damping=much", "'auto' or a number"),
                                            ("fasp-plus:target=teacher", "restoration target"),
-                                           ("fasp-plus:widths=random", "unknown widths")])
+                                           ("fasp-plus:widths=random", "unknown widths"),
+                                           ("fasp-plus:widths=search,offspring=0", "offspring"),
+                                           ("fasp-plus:widths=search,selection_tokens=4096/1024", "ascending"),
+                                           ("fasp-plus:widths=search,generations=some", "is a number")])
 def test_bad_options_are_refused_in_one_line(spec, message, tiny_model_dirs, data_root, tmp_path, cli):
     out = tmp_path / "ck"
     code, _, err = cli("prune", "--model", tiny_model_dirs["opt"], "--method", spec, "--sparsity", "0.2",
