@@ -78,22 +78,16 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
                 item.windows[dataset] = r["result"]["window_nll"]
                 ci = stats.perplexity_interval(item.windows[dataset])
                 row[f"ppl {dataset} low"], row[f"ppl {dataset} high"] = ci.low, ci.high
-        accs, stderrs = [], []
         zeroshot = _select(records, fp, "zeroshot", plan["zeroshot_match"])
         for task, r in zeroshot.items():
             row[f"acc {task}"] = r["result"]["acc"]
-            accs.append(r["result"]["acc"])
             if r["result"].get("doc_acc"):
                 item.docs[task] = (r["result"]["doc_ids"], r["result"]["doc_acc"])
                 row[f"acc {task} se"] = stats.mean_stderr(r["result"]["doc_acc"])
-                stderrs.append(row[f"acc {task} se"])
             if r["result"].get("doc_margin"):
                 item.margins[task] = (r["result"]["doc_ids"], r["result"]["doc_margin"])
                 row[f"margin {task}"] = float(np.mean(r["result"]["doc_margin"]))
                 row[f"margin {task} se"] = stats.mean_stderr(r["result"]["doc_margin"])
-        row["acc mean"] = sum(accs) / len(accs) if accs else None
-        row["acc mean se"] = stats.task_mean_stderr(stderrs) if accs and len(stderrs) == len(accs) else None
-        _task_mean(row, "margin", list(zeroshot))
         serving = _select(records, fp, "serving", plan["serve_match"]).get("serving")
         result = serving["result"] if serving else {}
         row["out tok/s"] = result.get("output_tok_s")
@@ -107,6 +101,12 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
         row["served as"] = result.get("architecture")  # the project's Pruned* class (plugin) or the stock one
         row["serving error"] = result.get("error")
         rows.append(row)
+    # a mean over the tasks every configuration of the run was scored on: a configuration missing one (an
+    # interrupted run) gets none, rather than a mean over fewer tasks beside the others'
+    tasks = list(dict.fromkeys(c[4:] for row in rows for c in row if c.startswith("acc ") and not c.endswith(" se")))
+    for row in rows:
+        _task_mean(row, "acc", tasks)
+        _task_mean(row, "margin", tasks)
     table = pd.DataFrame(rows)
     dense = table.iloc[0]
     if dense["out tok/s"]:
@@ -126,8 +126,9 @@ def _task_mean(row: dict | pd.Series, statistic: str, tasks: list[str]) -> None:
     values = [row.get(f"{statistic} {t}") for t in tasks]
     complete = bool(tasks) and all(v is not None and not pd.isna(v) for v in values)
     row[f"{statistic} mean"] = float(np.mean(values)) if complete else None
-    row[f"{statistic} mean se"] = (stats.task_mean_stderr([row[f"{statistic} {t} se"] for t in tasks]) if complete
-                                   else None)
+    stderrs = [row.get(f"{statistic} {t} se") for t in tasks]
+    row[f"{statistic} mean se"] = (stats.task_mean_stderr(stderrs) if complete and all(
+        s is not None and not pd.isna(s) for s in stderrs) else None)
 
 
 def width_table(plan: dict) -> pd.DataFrame:

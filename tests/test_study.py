@@ -124,3 +124,22 @@ def test_summary_puts_every_model_in_one_table_with_its_own_dense_speedup(tmp_pa
     assert small_fasp[4:7] == ["20.0 / 10.0", "1", "1.30x (1.19-1.42)"]  # 130/100; 125/105 to 135/95
     assert _row(text, "fasp", "large")[6] == "1.10x (0.75-1.62) not resolved"  # against its own dense, 50 tok/s
     assert _row(text, "dense", "small")[4:7] == ["-", "-", "1.00x (reference)"]
+
+
+def test_a_configuration_missing_a_task_gets_no_mean(tmp_path, capsys):
+    """An interrupted run scored fasp-0.2 on PIQA only: a mean over that one task beside the others' five-task
+    means would be compared as if equal (it was, 60.8 vs 41.5 on SmolLM2)."""
+    items = Path(__file__).parent / "data" / "results_items.jsonl"
+    partial = tmp_path / "results.jsonl"
+    fasp = "3aac35fb2cad9263311f"  # fasp-0.2 in that run
+    lines = [line for line in items.read_text().splitlines()
+             if not ('"metric": "zeroshot"' in line and fasp in line and '"task": "piqa"' not in line)]
+    assert len(lines) < len(items.read_text().splitlines())  # the filter did drop records
+    partial.write_text("\n".join(lines) + "\n")
+    table = model_table(ResultsStore(partial).records())[0].set_index("model")
+    assert table.loc["fasp-0.2", "acc piqa"] > 0 and table.loc["fasp-0.2", ["acc mean", "margin mean"]].isna().all()
+    assert table.loc["flap-0.2", "acc mean"] == table.loc["flap-0.2", [c for c in table.columns if c.startswith(
+        "acc ") and not c.endswith(" se") and c != "acc mean"]].mean()  # complete rows keep theirs
+    assert main(["study", str(partial)]) == 0
+    section = capsys.readouterr().out.split("### mean zero-shot")[1].split("###")[0]
+    assert not re.search(r"\| 20% +\| fasp +\|", section) and re.search(r"\| 20% +\| flap +\|", section)
