@@ -181,7 +181,7 @@ class WidthSearch:
         self.uniform = uniform_removals(adapter, self.layers, sparsity, pruner.attention_unit, alignment)
         self.couplings = [{c.name: c for c in adapter.couplings(layer, pruner.attention_unit)} for layer in self.layers]
         self.evaluated: list[tuple[int, ...]] = []  # every candidate whose fitness was computed, in order
-        self._dense: dict[int, list[torch.Tensor]] = {}  # windows -> the dense model's last hidden states
+        self._dense: dict[tuple[int, int], list[torch.Tensor]] = {}  # windows -> the dense last hidden states
 
     def build_database(self, desc: str) -> list[ScoredLayer]:
         """One pass over the dense model; returns the blocks' scores (for the adaptive start)."""
@@ -215,13 +215,14 @@ class WidthSearch:
     def _windows(self, tokens: int) -> int:
         return min(max(1, round(tokens / self.calibration.shape[1])), self.calibration.shape[0])
 
-    def fitness(self, candidates: list[tuple[int, ...]], windows: int) -> list[float]:
-        """KL(dense || candidate), mean over the tokens of the first `windows` calibration windows."""
+    def fitness(self, candidates: list[tuple[int, ...]], windows: int, first: int = 0) -> list[float]:
+        """KL(dense || candidate), mean over the tokens of calibration windows first .. windows - 1."""
         self.evaluated += candidates
-        ids = self.calibration[:windows].split(self.batch_size)
+        ids = self.calibration[first:windows].split(self.batch_size)
         inputs = capture_block_inputs(self.model, self.layers[0], ids, self.blocks.device, self.storage)
         streams = [inputs.copy() for _ in candidates]
-        dense = None if windows in self._dense else inputs.copy()
+        key = (first, windows)
+        dense = None if key in self._dense else inputs.copy()
         plans = [self.levels.plan(c, len(self.layers)) for c in candidates]
         for i, layer in enumerate(self.layers):
             self.blocks.load(i, layer)
@@ -232,8 +233,8 @@ class WidthSearch:
                     run_block(layer, stream)
             self.blocks.release(i, layer, final=False)
         if dense is not None:
-            self._dense[windows] = dense.hidden
-        return self._kl(ids, self._dense[windows], [s.hidden for s in streams])
+            self._dense[key] = dense.hidden
+        return self._kl(ids, self._dense[key], [s.hidden for s in streams])
 
     def _kl(self, ids, dense: list[torch.Tensor], streams: list[list[torch.Tensor]]) -> list[float]:
         totals, tokens = [0.0] * len(streams), 0
@@ -293,10 +294,16 @@ class WidthSearch:
         bar = tqdm(range(generations), desc=f"{desc} search", unit="gen", disable=not self.progress)
         for generation in bar:
             pool = list(dict.fromkeys(self.levels.mutate(parent, rng) for _ in range(offspring)))
-            used = 0
+            used, scored_on, kl_of = 0, 0, dict.fromkeys(pool, 0.0)
             for s, windows in enumerate(steps):
-                kl = self.fitness(pool, windows)
-                used += len(pool) * windows * self.calibration.shape[1]
+                # a step's windows extend the last step's (a prefix of one draw, every window seqlen tokens):
+                # only the new ones are scored, and the means combine by window count
+                new = self.fitness(pool, windows, scored_on) if windows > scored_on else [0.0] * len(pool)
+                for c, value in zip(pool, new):
+                    kl_of[c] = (kl_of[c] * scored_on + value * (windows - scored_on)) / max(windows, scored_on)
+                used += len(pool) * (windows - scored_on) * self.calibration.shape[1]
+                scored_on = max(scored_on, windows)
+                kl = [kl_of[c] for c in pool]
                 ranked = [c for _, c in sorted(zip(kl, pool), key=lambda pair: pair[0])]
                 if s < len(steps) - 1:
                     pool = ranked[:max(1, len(ranked) // SURVIVING)]

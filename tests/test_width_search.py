@@ -67,6 +67,13 @@ def test_fitness_is_the_kl_of_an_independent_forward_pass(calibration, tmp_path)
             stitched = search.stitch(levels)(tokens).logits.log_softmax(-1).flatten(0, 1)
             expected = F.kl_div(stitched, dense, log_target=True, reduction="batchmean").item()
             assert search.fitness([levels], windows)[0] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+            later = search.stitch(levels)(calibration[1:windows]).logits.log_softmax(-1).flatten(0, 1)
+            expected = F.kl_div(later, dense[tokens.shape[1]:], log_target=True, reduction="batchmean").item()
+            assert search.fitness([levels], windows, first=1)[0] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    # the search combines each selection step's new windows with the last step's: its best KL is the parent's
+    # fitness over all of the last step's windows, computed afresh here
+    last = record["selection_tokens"][-1] // calibration.shape[1]
+    assert record["best_kl"] == pytest.approx(search.fitness([search.levels.from_plan(plan)], last)[0], rel=1e-4)
     assert record["best_kl"] <= min(record["start_kl"].values())
     assert [g["best_kl"] for g in record["trace"]] == sorted((g["best_kl"] for g in record["trace"]), reverse=True)
 
@@ -107,9 +114,9 @@ def test_the_search_reads_calibration_windows_only(tiny_model_dirs, data_root, t
     received = []
     fitness = width_search.WidthSearch.fitness
 
-    def spy(self, candidates, windows):
-        received.append(self.calibration[:windows].clone())
-        return fitness(self, candidates, windows)
+    def spy(self, candidates, windows, first=0):
+        received.append((first, self.calibration[first:windows].clone()))
+        return fitness(self, candidates, windows, first)
 
     monkeypatch.setattr(width_search.WidthSearch, "fitness", spy)
     out = tmp_path / "ck"
@@ -119,7 +126,8 @@ def test_the_search_reads_calibration_windows_only(tiny_model_dirs, data_root, t
     assert code == 0, err
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama-gqa"])
     windows = fasp_bench.data.calibration_ids(tokenizer, 4, 32, 0, data_root)
-    assert received and all(torch.equal(r, windows[:len(r)]) for r in received)
+    assert received and all(torch.equal(r, windows[first:first + len(r)]) for first, r in received)
+    assert any(first > 0 for first, _ in received)  # later selection steps score only their new windows
     recorded = json.loads((out / "pruning.json").read_text())
     assert recorded["width_search"]["selection_tokens"] == [32, 64]
     assert recorded["method_options"]["widths"] == "search"
