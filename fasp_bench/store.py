@@ -3,6 +3,11 @@
 Each record is one line written with a single write, then flushed and fsynced, so a process killed at
 any moment loses at most the measurement in flight. A torn last line (the kill landed mid-write) is
 ignored with a warning and cut off before the next append; a rerun skips every measurement on record.
+Several processes (several runs, or a run's workers) may share one store: every append and every read holds
+an exclusive lock on `results.jsonl.lock` beside it (filelock: flock on Unix, released by the kernel when a
+holder dies), so lines never interleave and a torn tail is repaired only when no one is writing. Readers take
+no lock (a store may sit in a read-only folder): a line still being written reads as a torn tail and is
+skipped, complete lines are always whole.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from filelock import FileLock
 
 from . import __version__
 
@@ -29,15 +36,19 @@ class ResultsStore:
         self._records: dict[str, dict] = {}
         self._load()
 
+    def _lock(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(f"{self.path}.lock")
+
     def _load(self) -> None:
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
+        data = self.path.read_bytes()  # no lock: a line being written shows as a torn tail, which is skipped
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
         if tail.strip():
-            warnings.warn(f"{self.path}: ignoring a torn last line ({len(tail)} bytes; a run was killed mid-write)",
-                          stacklevel=3)
+            warnings.warn(f"{self.path}: ignoring a torn last line ({len(tail)} bytes; a run was killed mid-write, "
+                          "or another is writing it now)", stacklevel=3)
         for number, line in enumerate(complete, 1):
             if not line.strip():
                 continue
@@ -59,8 +70,7 @@ class ResultsStore:
         record = {"fingerprint": fingerprint, "metric": metric, "protocol": protocol, "result": result, **fields,
                   "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fasp_bench": __version__}
         line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as out:
+        with self._lock(), open(self.path, "a+b") as out:
             if out.tell():  # a torn tail (no final newline) is cut so the record starts on its own line
                 out.seek(-1, os.SEEK_END)
                 if out.read(1) != b"\n":
