@@ -20,6 +20,7 @@ from .data import DATA_ENV, data_dir
 from .devices import DTYPES, resolve_device, resolve_dtype
 from .errors import BenchError
 from .evaluation import EvalProtocol, evaluate
+from .executor import EXECUTORS
 from .models import DEFAULT_MODEL, fingerprint
 from .prune_job import PruneJob, prune_summary
 from .report import SWEEP_NOTE, human_sweep, sweep_table, write_report
@@ -177,7 +178,8 @@ def cmd_run(args) -> int:
                    tp_multiple=args.tp_multiple, tensor_parallel_size=args.tensor_parallel_size,
                    nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
                    tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit,
-                   max_windows=args.max_windows, eval_backend=args.eval_backend, sweep=_sweep_arg(args.sweep))
+                   max_windows=args.max_windows, eval_backend=args.eval_backend, sweep=_sweep_arg(args.sweep),
+                   executor=args.executor, ray_address=args.ray_address, task_cpus=args.task_cpus)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -350,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", nargs="*", metavar="BATCHxINxOUT",
                    help="serving load regimes instead of the profile's (bare: the default sweep of `serve --sweep`)")
     _add_eval_backend_arg(p)
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: every stage in this process, one after another (default); ray: every prune, "
+                        "evaluation and serving measurement a Ray task (pip install 'fasp-bench[ray]')")
+    p.add_argument("--ray-address", help="the Ray cluster to join (default: start a local Ray instance)")
+    p.add_argument("--task-cpus", type=float, default=1.0,
+                   help="CPUs each Ray task asks for when the run uses no GPU (default 1)")
     p.set_defaults(run=cmd_run)
 
     p = sub.add_parser("report", help="rebuild the report from a results file")

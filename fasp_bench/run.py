@@ -23,6 +23,7 @@ from .data import C4_SHARD, CALIBRATION_DOCS, VALIDATION_AVOIDS, bos_id, data_fi
 from .devices import machine_description, resolve_device, resolve_dtype
 from .errors import BenchError
 from .evaluation import EvalProtocol, default_seqlen, evaluate, perplexity_windows
+from .executor import EXECUTORS, Task, import_ray, run_local, run_ray
 from .models import fingerprint, load_config, resolve_model
 from .prune_job import PruneJob
 from .report import write_report
@@ -113,6 +114,9 @@ class RunPlan:
     max_windows: int | None = None  # perplexity windows per set; None: the profile's
     eval_backend: str = "hf"  # zero-shot through lm-eval's HFLM or its vLLM model
     sweep: tuple[tuple[int, int, int], ...] | None = None  # serving load regimes; None: the profile's
+    executor: str = "local"  # "ray": every stage a Ray task (fasp_bench/executor.py)
+    ray_address: str | None = None  # None: a local Ray instance
+    task_cpus: float = 1.0  # CPUs a Ray task asks for when the run uses no GPU
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -122,6 +126,14 @@ class RunPlan:
             raise BenchError("no methods given: --methods takes one or more of " + ", ".join(sorted(pruning.METHODS)))
         resolve_dtype(self.dtype, resolve_device(self.device))
         Alignment(self.round_to, self.tp_multiple)
+        if self.executor not in EXECUTORS:
+            raise BenchError(f"unknown executor {self.executor!r}: choose {' or '.join(EXECUTORS)}")
+        if self.ray_address and self.executor != "ray":
+            raise BenchError("--ray-address is for --executor ray: add it, or drop the address")
+        if self.task_cpus <= 0:
+            raise BenchError(f"--task-cpus must be positive (got {self.task_cpus})")
+        if self.executor == "ray":
+            import_ray()
         if self.tensor_parallel_size < 1:
             raise BenchError(f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})")
         if self.nsamples is not None and self.nsamples < 1:
@@ -191,28 +203,39 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     bar = tqdm(total=stages, desc="fasp-bench run", unit="stage")
 
     dense_fp = fingerprint(plan.model)
-    models = [{"label": "dense", "fingerprint": dense_fp, "path": plan.model, "sparsity_realised": 0.0,
-               "model_sparsity_realised": 0.0}]
+    dense = {"label": "dense", "fingerprint": dense_fp, "path": plan.model, "sparsity_realised": 0.0,
+             "model_sparsity_realised": 0.0}
+    # on Ray each stage asks for what it uses: a GPU where the run uses one (K for K-way tensor parallel serving)
+    gpu = device.type == "cuda"
+    need = {"cpus": 0 if gpu else plan.task_cpus, "gpus": 1 if gpu else 0}
+    serve_need = {"cpus": 0 if gpu else plan.task_cpus, "gpus": plan.tensor_parallel_size if gpu else 0}
+    tasks, labels = [], ["dense"]
     for method, sparsity in jobs:
-        bar.set_postfix_str(f"prune {_label(method, sparsity)}")
         name, options = parse_method_spec(method)
         job = PruneJob(model=plan.model, method=name, options=options, sparsity=sparsity, nsamples=nsamples,
                        seqlen=calibration_seqlen, seed=plan.seed, device=str(device), dtype=dtype,
                        round_to=plan.round_to, data_root=plan.data_root,
                        # what is served with tensor parallelism must split at every layer
                        tp_multiple=math.lcm(plan.tp_multiple, plan.tensor_parallel_size))
-        models.append(_prune(job, method, plan.work_dir, store, dense_fp))
-        bar.update(1)
-    for model in models:
-        bar.set_postfix_str(f"evaluate {model['label']}")
-        evaluate(model["path"], store, eval_protocol, plan.data_root, model_name=model["label"])
-        bar.update(1)
+        labels.append(_label(method, sparsity))
+        tasks.append(Task(f"prune {labels[-1]}", _prune, (job, method, plan.work_dir, store.path, dense_fp), **need))
+    for label in labels:
+        given, needs = ((dense,), ()) if label == "dense" else ((), (f"prune {label}",))
+        tasks.append(Task(f"evaluate {label}", _evaluate, (store.path, eval_protocol, plan.data_root, *given),
+                          needs, **need))
     if plan.serve:
-        bar.set_postfix_str("serve")
         engine_ppl = [EnginePerplexity(key, windows)
                       for key, windows in perplexity_windows(plan.model, eval_protocol, plan.data_root)]
-        serve_models([m["path"] for m in models], store, serve_protocol, names=[m["label"] for m in models],
-                     progress=bar, sweep=settings.sweep, ppl=engine_ppl)
+        for label in labels:
+            given, needs = ((dense,), ()) if label == "dense" else ((), (f"prune {label}",))
+            tasks.append(Task(f"serve {label}", _serve, (store.path, serve_protocol, settings.sweep, engine_ppl,
+                                                         *given), needs, **serve_need))
+    if plan.executor == "ray":
+        results = run_ray(tasks, bar, address=plan.ray_address, work_dir=plan.work_dir, store=store)
+    else:
+        results = run_local(tasks, bar)
+    models = [dense] + [results[f"prune {label}"] for label in labels[1:]]
+    store = ResultsStore(store.path)  # what the tasks wrote
     if models[1:]:
         models[0]["params"] = models[1]["params_before"]
     seqlen = settings.ppl_seqlen or default_seqlen(config)
@@ -258,9 +281,18 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     return readme
 
 
-def _prune(job: PruneJob, spec: str, work_dir: Path, store: ResultsStore, dense_fp: str) -> dict:
+def _evaluate(store_path: Path, protocol: EvalProtocol, data_root: Path | None, model: dict) -> None:
+    evaluate(model["path"], ResultsStore(store_path), protocol, data_root, model_name=model["label"])
+
+
+def _serve(store_path: Path, protocol: ServeProtocol, sweep: tuple, ppl: list[EnginePerplexity], model: dict) -> None:
+    serve_models([model["path"]], ResultsStore(store_path), protocol, names=[model["label"]], sweep=sweep, ppl=ppl)
+
+
+def _prune(job: PruneJob, spec: str, work_dir: Path, store_path: Path, dense_fp: str) -> dict:
     """Prune once: a checkpoint folder whose recorded fingerprint matches the store's record is reused. The key
     holds every option of the method as it records them, defaults included, so a changed default prunes anew."""
+    store = ResultsStore(store_path)
     label = _label(spec, job.sparsity)
     out = work_dir / "checkpoints" / _folder_name(f"{Path(job.model).name}-{label}")
     key = job.check().key()

@@ -288,6 +288,8 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--ppl", "wikitext3"), "unknown perplexity set 'wikitext3'"),
         (("--zeroshot", "arc_hard"), "unknown zero-shot task 'arc_hard'"),
         (("--sweep", "0x64x256"), "BATCHxINxOUT with each at least 1"),
+        (("--ray-address", "10.0.0.1:6379"), "--ray-address is for --executor ray"),
+        (("--executor", "ray", "--task-cpus", "0"), "--task-cpus must be positive"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
