@@ -98,3 +98,16 @@ def test_a_failing_task_is_retried_recorded_and_redone_alone_by_a_rerun(tmp_path
     measured = [json.loads(line)["fingerprint"] for line in store_path.read_text().splitlines()
                 if json.loads(line)["metric"] == "m"]
     assert measured == ["a", "b", "c"]  # a was on record and is not measured again
+
+
+def test_a_work_dir_a_worker_cannot_write_is_refused_in_one_line(tmp_path, local_ray):
+    from tqdm import tqdm
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    ran = tmp_path / "ran"
+    tasks = [Task("a", ran.write_text, ("yes",))]
+    with pytest.raises(BenchError) as refused:
+        run_ray(tasks, tqdm(disable=True), address=None, work_dir=tmp_path / "FILE" / "work",
+                store=ResultsStore(tmp_path / "results.jsonl"))
+    message = str(refused.value)
+    assert "cannot write the work dir" in message and "storage every worker sees" in message and "\n" not in message
+    assert not ran.exists()  # refused before any task
