@@ -109,7 +109,7 @@ def _error_line(err: BaseException) -> str:
     """The innermost error's own message, on one line (Ray wraps a task's exception in its own)."""
     cause = getattr(err, "cause", None) or err
     text = f"{type(cause).__name__}: {cause}".strip()
-    return text.splitlines()[-1] if "\n" in text else text
+    return text.splitlines()[-1]
 
 
 def run_ray(tasks: list[Task], bar: tqdm, *, address: str | None, work_dir: Path, store: ResultsStore,
@@ -128,6 +128,7 @@ def run_ray(tasks: list[Task], bar: tqdm, *, address: str | None, work_dir: Path
                                       max_retries=retries, retry_exceptions=True).remote(
             str(log_path(log_dir, task.name)), task.fn, task.args, *(refs[n] for n in task.needs))
     names = {ref: name for name, ref in refs.items()}
+    inputs_of = {refs[t.name]: [refs[n] for n in t.needs] for t in tasks}
     pending, results, failed = set(names), {}, {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -141,7 +142,7 @@ def run_ray(tasks: list[Task], bar: tqdm, *, address: str | None, work_dir: Path
                 store.add(name, "failure", {"task": name}, {"error": failed[name],
                                                             "log": str(log_path(log_dir, name))})
             bar.update(1)
-        waiting = sum(1 for ref in pending if any(refs[n] in pending for n in _task(tasks, names[ref]).needs))
+        waiting = sum(1 for ref in pending if any(i in pending for i in inputs_of[ref]))
         bar.set_postfix_str(f"running or queued {len(pending) - waiting}, waiting on inputs {waiting}, "
                             f"done {len(results)}, failed {len(failed)}")
     if failed:
@@ -149,10 +150,6 @@ def run_ray(tasks: list[Task], bar: tqdm, *, address: str | None, work_dir: Path
         raise BenchError(f"{len(failed)} task(s) failed: {'; '.join(failed)} (first: {failed[first]}); logs in "
                          f"{log_dir}; the same command again redoes only what is missing")
     return results
-
-
-def _task(tasks: list[Task], name: str) -> Task:
-    return next(t for t in tasks if t.name == name)
 
 
 def _check_workers_can_write(ray, work_dir: Path) -> None:

@@ -103,7 +103,7 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
         rows.append(row)
     # a mean over the tasks every configuration of the run was scored on: a configuration missing one (an
     # interrupted run) gets none, rather than a mean over fewer tasks beside the others'
-    tasks = list(dict.fromkeys(c[4:] for row in rows for c in row if c.startswith("acc ") and not c.endswith(" se")))
+    tasks = _tasks(pd.DataFrame(rows))
     for row in rows:
         _task_mean(row, "acc", tasks)
         _task_mean(row, "margin", tasks)

@@ -219,15 +219,15 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                        tp_multiple=math.lcm(plan.tp_multiple, plan.tensor_parallel_size))
         labels.append(_label(method, sparsity))
         tasks.append(Task(f"prune {labels[-1]}", _prune, (job, method, plan.work_dir, store.path, dense_fp), **need))
-    for label in labels:
-        given, needs = ((dense,), ()) if label == "dense" else ((), (f"prune {label}",))
+    # each model's stages take it as their last argument: dense as given, a pruned one from its prune
+    inputs = {label: ((dense,), ()) if label == "dense" else ((), (f"prune {label}",)) for label in labels}
+    for label, (given, needs) in inputs.items():
         tasks.append(Task(f"evaluate {label}", _evaluate, (store.path, eval_protocol, plan.data_root, *given),
                           needs, **need))
     if plan.serve:
         engine_ppl = [EnginePerplexity(key, windows)
                       for key, windows in perplexity_windows(plan.model, eval_protocol, plan.data_root)]
-        for label in labels:
-            given, needs = ((dense,), ()) if label == "dense" else ((), (f"prune {label}",))
+        for label, (given, needs) in inputs.items():
             tasks.append(Task(f"serve {label}", _serve, (store.path, serve_protocol, settings.sweep, engine_ppl,
                                                          *given), needs, **serve_need))
     if plan.executor == "ray":
@@ -235,7 +235,6 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     else:
         results = run_local(tasks, bar)
     models = [dense] + [results[f"prune {label}"] for label in labels[1:]]
-    store = ResultsStore(store.path)  # what the tasks wrote
     if models[1:]:
         models[0]["params"] = models[1]["params_before"]
     seqlen = settings.ppl_seqlen or default_seqlen(config)

@@ -3,7 +3,7 @@
 Each record is one line written with a single write, then flushed and fsynced, so a process killed at
 any moment loses at most the measurement in flight. A torn last line (the kill landed mid-write) is
 ignored with a warning and cut off before the next append; a rerun skips every measurement on record.
-Several processes (several runs, or a run's workers) may share one store: every append and every read holds
+Several processes (several runs, or a run's workers) may share one store: every append holds
 an exclusive lock on `results.jsonl.lock` beside it (filelock: flock on Unix, released by the kernel when a
 holder dies), so lines never interleave and a torn tail is repaired only when no one is writing. Readers take
 no lock (a store may sit in a read-only folder): a line still being written reads as a torn tail and is

@@ -300,9 +300,9 @@ class WidthSearch:
                 # only the new ones are scored, and the means combine by window count
                 new = self.fitness(pool, windows, scored_on) if windows > scored_on else [0.0] * len(pool)
                 for c, value in zip(pool, new):
-                    kl_of[c] = (kl_of[c] * scored_on + value * (windows - scored_on)) / max(windows, scored_on)
+                    kl_of[c] = (kl_of[c] * scored_on + value * (windows - scored_on)) / windows
                 used += len(pool) * (windows - scored_on) * self.calibration.shape[1]
-                scored_on = max(scored_on, windows)
+                scored_on = windows
                 kl = [kl_of[c] for c in pool]
                 ranked = [c for _, c in sorted(zip(kl, pool), key=lambda pair: pair[0])]
                 if s < len(steps) - 1:
