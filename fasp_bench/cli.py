@@ -96,6 +96,23 @@ def cmd_widen_v(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from .recovery import RecoveryPlan, parse_tokens, recover
+
+    plan = RecoveryPlan(tokens=parse_tokens(args.tokens), source=args.source,
+                        seqlen=args.seqlen, batch_size=args.batch_size, micro_batch=args.micro_batch,
+                        learning_rate=args.lr, temperature=args.temperature, lm_weight=args.lm_weight,
+                        lora_rank=args.lora_rank, epochs=args.epochs, validation_seqlen=args.validation_seqlen,
+                        seed=args.seed, save_steps=args.save_steps, device=args.device, dtype=args.dtype).check()
+    record = recover(args.checkpoint, args.teacher, plan, args.out, data_root=data_dir(args.data),
+                     overwrite=args.overwrite)
+    first, last = record["loss"][0][1], record["loss"][-1][1]
+    print(f"{args.out}: distilled from {args.teacher} on {record['tokens']:,} {plan.source} tokens "
+          f"({record['steps']} steps, {record['passes']} pass(es) over {record['source_tokens']:,}), "
+          f"loss {first:.4f} -> {last:.4f}, {record['seconds']:.0f} s")
+    return 0
+
+
 def cmd_eval(args) -> int:
     root = data_dir(args.data)
     tasks_dirs = tuple(Path(d) for d in args.tasks_dir)
@@ -283,6 +300,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("recover", help="distil the dense model into a pruned checkpoint (recovery training)")
+    p.add_argument("checkpoint", help="pruned checkpoint folder (the student)")
+    p.add_argument("--teacher", required=True, help="the dense model it was pruned from (folder, hub id or "
+                                                     "embedded name)")
+    p.add_argument("--tokens", required=True, help="training tokens, or 'all' (every token of the c4 source)")
+    p.add_argument("--source", default="c4", help="c4 (calibration-side C4 less c4-calval, default) or teacher "
+                                                   "(text the teacher samples in vLLM)")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seqlen", type=int, default=512, help="training window length (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (default 8)")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward (default 4)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, cosine decay (default 5e-5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    p.add_argument("--lm-weight", type=float, default=0.0,
+                   help="weight of the plain next-token loss beside the KL term (default 0)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank, merged into the weights (default 0: full "
+                                                            "fine-tuning)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the source a budget may take (default 1)")
+    p.add_argument("--validation-seqlen", type=int, default=512,
+                   help="window length of the c4-calval set kept out of training (default 512)")
+    p.add_argument("--save-steps", type=int, default=20, help="resumable checkpoint every N steps (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help=f"offline data folder (default: ${DATA_ENV}; unset: the hub)")
+    _add_device_args(p)
+    p.set_defaults(run=cmd_recover)
 
     p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a checkpoint or model, into the store")
     p.add_argument("checkpoint", help="pruned checkpoint folder, Hugging Face folder, hub id or embedded name")

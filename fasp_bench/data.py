@@ -107,10 +107,9 @@ def _calibration_draw(tokenizer, nsamples: int, seqlen: int, seed: int, root: Pa
 VALIDATION_AVOIDS = 128
 
 
-def calibration_validation_ids(tokenizer, seqlen: int, seed: int = 0, root: Path | None = None) -> torch.Tensor:
-    """Text tokens of the calibration documents (C4 docs 0-499) that no calibration draw of up to 128 windows
-    of `seqlen` with `seed` touches, as consecutive windows of `seqlen` (less one for a BOS model) laid end to
-    end: perplexity on them ("c4-calval") chooses settings without looking at any test set."""
+def _calibration_validation_layout(tokenizer, seqlen: int, seed: int, root: Path | None,
+                                   ) -> tuple[torch.Tensor, list[int], int]:
+    """The calibration token stream, the starts of the c4-calval windows in it, and their text length."""
     stream, starts, text_len = _calibration_draw(tokenizer, VALIDATION_AVOIDS, seqlen, seed, root)
     covered = torch.zeros(len(stream) + 1, dtype=torch.int32)
     for start in starts.tolist():
@@ -123,11 +122,38 @@ def calibration_validation_ids(tokenizer, seqlen: int, seed: int = 0, root: Path
         if len(blocked):
             pos += int(blocked[-1]) + 1
         else:
-            windows.append(stream[pos:pos + text_len])
+            windows.append(pos)
             pos += text_len
+    return stream, windows, text_len
+
+
+def calibration_validation_ids(tokenizer, seqlen: int, seed: int = 0, root: Path | None = None) -> torch.Tensor:
+    """Text tokens of the calibration documents (C4 docs 0-499) that no calibration draw of up to 128 windows
+    of `seqlen` with `seed` touches, as consecutive windows of `seqlen` (less one for a BOS model) laid end to
+    end: perplexity on them ("c4-calval") chooses settings without looking at any test set."""
+    stream, windows, text_len = _calibration_validation_layout(tokenizer, seqlen, seed, root)
     if not windows:
         raise BenchError(f"no calibration-side validation window of {seqlen} tokens is left: lower --seqlen")
-    return torch.cat(windows)
+    return torch.cat([stream[w:w + text_len] for w in windows])
+
+
+def training_ids(tokenizer, seqlen: int, validation_seqlen: int, seed: int = 0, root: Path | None = None,
+                 ) -> torch.Tensor:
+    """Every calibration-side token that c4-calval (at `validation_seqlen`, `seed`) does not hold, as windows of
+    `seqlen` [n, seqlen] (a BOS model's start with <bos>) in a seeded order: recovery training text. The gaps
+    between c4-calval windows are cut into windows; a remainder shorter than a window is left out."""
+    stream, windows, val_len = _calibration_validation_layout(tokenizer, validation_seqlen, seed, root)
+    bos = bos_id(tokenizer)
+    text_len = seqlen - (bos is not None)
+    if text_len < 1:
+        raise BenchError(f"a recovery window of {seqlen} tokens holds no text: raise --seqlen")
+    gaps = zip([0] + [w + val_len for w in windows], windows + [len(stream)])
+    starts = [s for lo, hi in gaps for s in range(lo, hi - text_len + 1, text_len)]
+    if not starts:
+        raise BenchError(f"no calibration-side text is left outside c4-calval for windows of {seqlen}: lower --seqlen")
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = torch.stack([stream[starts[i]:starts[i] + text_len] for i in order])
+    return out if bos is None else torch.cat([torch.full((len(out), 1), bos), out], dim=1)
 
 
 def calibration_record(tokenizer, nsamples: int, seqlen: int, seed: int, root: Path | None) -> dict:

@@ -123,16 +123,19 @@ def cpu_tensor_parallel_env(tp: int) -> dict[str, str]:
 
 def measure_in_subprocess(path: str, protocol: ServeProtocol, timeout_s: float = 900,
                           return_tokens: bool = False, points: list[ServeProtocol] | None = None,
-                          ppl: dict[str, list[list[int]]] | None = None) -> dict:
+                          ppl: dict[str, list[list[int]]] | None = None, sample: dict | None = None) -> dict:
     """The measurement of one model in a fresh process: a result dict, or {"error": one line}. With `points`
     (batch shapes of one protocol), one engine measures each and the dict holds a "points" list in their order,
-    and "ppl": each window's mean NLL per dataset of `ppl` (windows of token ids) as the engine scores it."""
+    and "ppl": each window's mean NLL per dataset of `ppl` (windows of token ids) as the engine scores it. With
+    `sample` ({"sequences", "length", "seed"}), "sampled": that many sequences the model samples itself."""
     protocol = protocol.resolved()
     spec = {**asdict(protocol), "model": path, "return_tokens": return_tokens}
     if points is not None:
         spec["points"] = [[p.prompts, p.input_len, p.output_len] for p in points]
     if ppl:
         spec["ppl"] = ppl
+    if sample:
+        spec["sample"] = sample
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(protocol.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",

@@ -55,8 +55,10 @@ def run(spec: dict) -> dict:
 
     points = spec["points"] if "points" in spec else [[spec["prompts"], spec["input_len"], spec["output_len"]]]
     ppl = spec.get("ppl") or {}  # dataset -> windows of token ids, scored by the engine
-    lengths = [i + o for _, i, o in points] + [len(w) for windows in ppl.values() for w in windows]
-    batches = [p for p, _, _ in points] + ([_PPL_GROUP] if ppl else [])
+    sample = spec.get("sample")  # {"sequences", "length", "seed"}: text the model samples (recovery training)
+    lengths = ([i + o for _, i, o in points] + [len(w) for windows in ppl.values() for w in windows]
+               + ([sample["length"]] if sample else []))
+    batches = [p for p, _, _ in points] + ([_PPL_GROUP] if ppl else []) + ([_SAMPLE_GROUP] if sample else [])
     # The KV budget: the CPU backend reads VLLM_CPU_KVCACHE_SPACE (set by main); a GPU takes it as an engine
     # argument, in place of the gpu_memory_utilization fraction.
     budget = {"kv_cache_memory_bytes": spec["kv_cache_gib"] << 30} if current_platform.is_cuda_alike() else {}
@@ -81,6 +83,8 @@ def run(spec: dict) -> dict:
         "platform": current_platform.device_name,
         "bos": bos is not None,
     }
+    if sample:
+        engine["sampled"] = _sample(llm, vocab, bos, **sample)
     if "points" in spec:
         return {**engine, "points": measured, "ppl": scored}
     return {**measured[0], **engine, **({"ppl": scored} if scored else {})}
@@ -105,6 +109,23 @@ def _window_nll(llm, windows: list[list[int]]) -> list[float]:
             nll.append(-math.fsum(position[token].logprob for position, token in zip(scores, ids[1:], strict=True))
                        / (len(ids) - 1))
     return nll
+
+
+_SAMPLE_GROUP = 32  # sequences sampled at once
+
+
+def _sample(llm, vocab: int, bos: int | None, sequences: int, length: int, seed: int) -> list[list[int]]:
+    """`sequences` sequences of `length` tokens: a seeded random first token (after <bos> for a BOS model), then
+    the model's own samples at temperature 1, one sampling seed per sequence, no early stop at EOS."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    starts = prompt_token_ids(vocab, sequences, 1 + (bos is not None), seed, bos)
+    params = [SamplingParams(temperature=1.0, top_p=1.0, seed=seed * 1_000_003 + i, max_tokens=length - len(p),
+                             min_tokens=length - len(p), ignore_eos=True, detokenize=False)
+              for i, p in enumerate(starts)]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in starts], params, use_tqdm=False)
+    return [p + list(o.outputs[0].token_ids) for p, o in zip(starts, outputs, strict=True)]
 
 
 def _measure_point(llm, vocab: int, bos: int | None, prompts: int, input_len: int, output_len: int,
