@@ -261,3 +261,16 @@ def test_teacher_text_from_vllm_trains_a_checkpoint_that_vllm_serves_with_transf
     assert "error" not in served, served["error"]
     assert served["architecture"].startswith("Pruned")
     assert served["tokens"] == transformers_greedy(tmp_path / "recovered", protocol)
+
+
+def test_recover_command_end_to_end_in_a_subprocess(pruned_dir, teacher_dir, data_root, tmp_path):
+    from test_cli import run_cli
+
+    done = run_cli("recover", pruned_dir, "--teacher", teacher_dir, "--out", tmp_path / "out", "--tokens", 1024,
+                   "--seqlen", SEQLEN, "--batch-size", 4, "--micro-batch", 2, "--validation-seqlen", SEQLEN,
+                   "--dtype", "bfloat16", env_data=data_root)
+    assert done.returncode == 0, done.stderr
+    assert "distilled from" in done.stdout and "8 steps" in done.stdout
+    meta = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert meta["recovery"]["dtype"] == "bfloat16" and len(meta["recovery"]["loss"]) == 8
+    assert meta["fingerprint"]["sha256_20"] == pruning.checkpoint.content_fingerprint(tmp_path / "out")
