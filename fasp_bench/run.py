@@ -208,7 +208,9 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     # on Ray each stage asks for what it uses: a GPU where the run uses one (K for K-way tensor parallel serving)
     gpu = device.type == "cuda"
     need = {"cpus": 0 if gpu else plan.task_cpus, "gpus": 1 if gpu else 0}
-    serve_need = {"cpus": 0 if gpu else plan.task_cpus, "gpus": plan.tensor_parallel_size if gpu else 0}
+    # a CPU serving measurement runs alone on its node: throughput beside another stage is not a measurement
+    serve_need = {"cpus": 0 if gpu else plan.task_cpus, "gpus": plan.tensor_parallel_size if gpu else 0,
+                  "whole_node": not gpu}
     tasks, labels = [], ["dense"]
     for method, sparsity in jobs:
         name, options = parse_method_spec(method)

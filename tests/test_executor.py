@@ -111,3 +111,27 @@ def test_a_work_dir_a_worker_cannot_write_is_refused_in_one_line(tmp_path, local
     message = str(refused.value)
     assert "cannot write the work dir" in message and "storage every worker sees" in message and "\n" not in message
     assert not ran.exists()  # refused before any task
+
+
+def test_a_whole_node_task_runs_alone_while_others_share_the_node(tmp_path, local_ray):
+    import os
+
+    from tqdm import tqdm
+
+    def timed(name: str, seconds: float) -> str:
+        start = time.time()
+        time.sleep(seconds)
+        (tmp_path / f"{name}.json").write_text(json.dumps([start, time.time(), os.environ.get("OMP_NUM_THREADS")]))
+        return name
+
+    tasks = [Task("a", timed, ("a", 2.0)), Task("b", timed, ("b", 2.0)),
+             Task("serve", timed, ("serve", 1.0), whole_node=True), Task("c", timed, ("c", 2.0))]
+    run_ray(tasks, tqdm(disable=True), address=None, work_dir=tmp_path, store=ResultsStore(tmp_path / "s.jsonl"))
+    spans = {t.name: json.loads((tmp_path / f"{t.name}.json").read_text()) for t in tasks}
+
+    def overlap(x, y) -> bool:
+        return spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]
+
+    assert any(overlap(x, y) for x, y in (("a", "b"), ("a", "c"), ("b", "c")))  # one-CPU tasks share the node
+    assert not any(overlap("serve", other) for other in "abc")  # the measurement shares it with none
+    assert spans["serve"][2] == "2" and spans["a"][2] == "1"  # and gets every core's thread, as in-process
