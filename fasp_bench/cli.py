@@ -196,7 +196,8 @@ def cmd_run(args) -> int:
                    nsamples=args.nsamples, ppl=None if args.ppl is None else _ppl_sets(args.ppl),
                    tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit,
                    max_windows=args.max_windows, eval_backend=args.eval_backend, sweep=_sweep_arg(args.sweep),
-                   executor=args.executor, ray_address=args.ray_address, task_cpus=args.task_cpus)
+                   executor=args.executor, ray_address=args.ray_address, task_cpus=args.task_cpus,
+                   recover=tuple(args.recover))
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -399,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local: every stage in this process, one after another (default); ray: every prune, "
                         "evaluation and serving measurement a Ray task (pip install 'fasp-bench[ray]')")
+    p.add_argument("--recover", action="append", default=[], metavar="kd:tokens=N[,N...][,OPTION=V...]",
+                   help="distil each pruned model from the dense one per budget (0: the one-shot model; all: every "
+                        "calibration-side token); options source=c4|teacher, lora=R, lr, temperature, lm_weight, "
+                        "epochs, seqlen, batch_size, micro_batch (see fasp-bench recover)")
     p.add_argument("--ray-address", help="the Ray cluster to join (default: start a local Ray instance)")
     p.add_argument("--task-cpus", type=float, default=1.0,
                    help="CPUs each Ray task asks for when the run uses no GPU (default 1)")

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 PLOTS = ("perplexity.png", "zeroshot.png", "throughput.png", "pareto.png", "memory.png")
 SWEEP_PLOT = "sweep.png"  # only where the run measured more than one decode batch size
+RECOVERY_PLOT = "recovery.png"  # only where the run recovered its pruned models
 WIDTHS_PLOT = "widths.png"  # only where the store's prune records hold per-layer widths
 
 
@@ -25,8 +26,9 @@ def _errors(rows: pd.DataFrame, column: str, low: str, high: str) -> list | None
 
 
 def _by_sparsity(ax, table: pd.DataFrame, column: str, low: str, high: str, scale: float = 1.0) -> None:
-    """One line per method over sparsity with error bars, and the dense model as a dashed reference line."""
-    pruned = table[table["method"] != "dense"]
+    """One line per method over sparsity with error bars (the one-shot models), and the dense model as a dashed
+    reference line."""
+    pruned = table[(table["method"] != "dense") & (table["recovery"] == "none")]
     for method in dict.fromkeys(pruned["method"]):
         rows = pruned[pruned["method"] == method].sort_values("sparsity")
         errors = _errors(rows, column, low, high)
@@ -89,6 +91,30 @@ def plot_all(table: pd.DataFrame, out: Path) -> list[str]:
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     _save(fig, out / "memory.png")
     return list(PLOTS)
+
+
+def plot_recovery(table: pd.DataFrame, out: Path) -> list[str]:
+    """Perplexity against recovery tokens (0: one-shot), one line per method and sparsity, dense dashed."""
+    pruned = table[table["method"] != "dense"]
+    if (pruned["recovery"] == "none").all():
+        return []
+    ppl_columns = [c for c in table.columns if c.startswith("ppl ") and not c.endswith((" low", " high"))]
+    fig, axes = plt.subplots(1, max(1, len(ppl_columns)), figsize=(5.5 * max(1, len(ppl_columns)), 4.2),
+                             squeeze=False)
+    for ax, column in zip(axes[0], ppl_columns):
+        for (method, sparsity), rows in pruned.groupby(["method", "sparsity"], sort=False):
+            rows = rows.sort_values("recovery_tokens")
+            ax.errorbar(rows["recovery_tokens"], rows[column], yerr=_errors(rows, column, f"{column} low",
+                                                                         f"{column} high"),
+                        capsize=3, marker="o", label=f"{method} {sparsity:.0%}")
+        dense = table.iloc[0]
+        if not pd.isna(dense.get(column)):
+            ax.axhline(dense[column], color="gray", linestyle="--", label="dense")
+        ax.set(title=f"{column[4:]} perplexity after recovery (95% CI)", xlabel="recovery tokens",
+               ylabel="perplexity (lower is better)")
+        ax.legend(fontsize=7)
+    _save(fig, out / RECOVERY_PLOT)
+    return [RECOVERY_PLOT]
 
 
 def plot_sweep(sweep: pd.DataFrame, out: Path) -> list[str]:

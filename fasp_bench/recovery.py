@@ -114,6 +114,15 @@ def parse_recover_spec(text: str) -> list[RecoveryPlan]:
     return [RecoveryPlan(tokens=b, **options) for b in budgets]
 
 
+def recovery_tag(plan: RecoveryPlan) -> str:
+    """A recovered model's suffix in labels and folder names: `kd-100k`, `kd-all`, `kd-500k-teacher-lora8`."""
+    n = plan.tokens
+    budget = ("all" if n is None else f"{n // 1_000_000}M" if n and n % 1_000_000 == 0
+              else f"{n // 1000}k" if n and n % 1000 == 0 else str(n))
+    return "-".join(["kd", budget, *([plan.source] if plan.source != "c4" else []),
+                     *([f"lora{plan.lora_rank}"] if plan.lora_rank else [])])
+
+
 def parse_tokens(value: str, zero: bool = False) -> int | None:
     """A token budget: N, 2.5e5, or 'all' (None); 0 (no recovery) only where `zero`."""
     if value.strip() == "all":

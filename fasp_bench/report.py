@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import stats
 from .errors import BenchError
-from .plots import PLOTS, plot_all, plot_sweep, plot_widths
+from .plots import PLOTS, plot_all, plot_recovery, plot_sweep, plot_widths
 from .serving.bench import ENGINE_PPL_TOLERANCE, ServeProtocol, point_kind, ppl_gap
 from .serving.roofline import share
 from .store import ResultsStore
@@ -29,6 +29,17 @@ DATASET_NAMES = {"wikitext2": "WikiText-2", "c4-heldout": "c4-heldout", "c4": "C
 TASK_NAMES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 __all__ = ["PLOTS", "Items", "difference", "findings", "latest_run", "model_table", "paired_table", "write_report"]
+
+
+ONE_SHOT = "none"  # the recovery column of a model that was only pruned
+
+
+def _comparable(pruned: pd.DataFrame):
+    """The groups whose methods meet at equal size and equal training: (sparsity, recovery), one-shot first."""
+    order = {r: (r != ONE_SHOT, t) for r, t in zip(pruned["recovery"], pruned["recovery_tokens"])}
+    keys = sorted(dict.fromkeys(zip(pruned["sparsity"], pruned["recovery"])), key=lambda k: (k[0], order[k[1]]))
+    for sparsity, recovery in keys:
+        yield sparsity, recovery, pruned[(pruned["sparsity"] == sparsity) & (pruned["recovery"] == recovery)]
 
 
 def latest_run(records: list[dict]) -> dict:
@@ -67,7 +78,9 @@ def model_table(records: list[dict], run: dict | None = None) -> tuple[pd.DataFr
     for model in plan["models"]:
         fp, label = model["fingerprint"], model["label"]
         item = items[label] = Items()
-        row = {"model": label, "method": model.get("method") or "dense", "sparsity": model.get("sparsity", 0.0)}
+        row = {"model": label, "method": model.get("method") or "dense", "sparsity": model.get("sparsity", 0.0),
+               "recovery": model.get("recovery") or ONE_SHOT, "recovery_tokens": model.get("recovery_tokens", 0),
+               "recovery_seconds": model.get("recovery_seconds"), "recovered_from": model.get("recovered_from")}
         row.update({k: model.get(k) for k in ("params", "sparsity_realised", "model_sparsity_realised",
                                               "prune_seconds")})
         if row["method"] == "dense":
@@ -275,10 +288,10 @@ def paired_table(table: pd.DataFrame, items: dict[str, Items]) -> pd.DataFrame:
     has no per-item data."""
     rows = []
     pruned = table[table["method"] != "dense"]
-    for sparsity, group in pruned.groupby("sparsity", sort=True):
+    for sparsity, recovery, group in _comparable(pruned):
         for (_, a), (_, b) in combinations(group.iterrows(), 2):
-            row = {"sparsity": sparsity, "a": a["model"], "b": b["model"], "method a": a["method"],
-                   "method b": b["method"]}
+            row = {"sparsity": sparsity, "recovery": recovery, "a": a["model"], "b": b["model"],
+                   "method a": a["method"], "method b": b["method"]}
             for metric in _quality_metrics(table):
                 d = difference(items[a["model"]], items[b["model"]], metric, _tasks(table))
                 if d is not None:
@@ -298,8 +311,10 @@ def findings(table: pd.DataFrame, items: dict[str, Items]) -> list[str]:
     method is resolved (the same paired differences as the paired table, taken best - other)."""
     lines = []
     pruned = table[table["method"] != "dense"]
-    for sparsity, group in pruned.groupby("sparsity", sort=True):
-        lines.append(f"**{sparsity:.0%} sparsity**")
+    for sparsity, recovery, group in _comparable(pruned):
+        one_shot = pruned[(pruned["sparsity"] == sparsity) & (pruned["recovery"] == ONE_SHOT)]
+        lines.append(f"**{sparsity:.0%} sparsity**" if recovery == ONE_SHOT
+                     else f"**{sparsity:.0%} sparsity, after recovery {recovery}**")
         if len(group) < 2:
             lines.append(f"- only {group.iloc[0]['model']} at this sparsity: nothing to compare.")
         for metric in _quality_metrics(table) if len(group) > 1 else []:
@@ -319,7 +334,7 @@ def findings(table: pd.DataFrame, items: dict[str, Items]) -> list[str]:
             value = (f"{best[metric]:.2f}" if ppl else f"{best[metric]:.1%}" if metric == "acc mean"
                      else f"{best[metric]:+.3f}")
             lines.append(f"- {name}: {best['method']} is {'lowest' if ppl else 'highest'} ({value}); its lead "
-                         + "; ".join(leads) + ".")
+                         + "; ".join(leads) + "." + _ranking_note(ranked, one_shot, metric, recovery))
             if metric == "acc mean" and not resolved:
                 lines.append("  Accuracy does not rank these methods at this profile: no lead is resolved"
                              + ("; the paired log-likelihood margin below is the statistic that decides."
@@ -336,8 +351,42 @@ def findings(table: pd.DataFrame, items: dict[str, Items]) -> list[str]:
                           f"its speed-up over dense is {verdict}")
             lines.append(f"- vLLM throughput: {fastest['method']} is fastest ({fastest['speedup']:.2f}x dense; "
                          f"{spread}).")
+        if recovery != ONE_SHOT and len(speed) and "speedup" in speed:
+            lines.append(_served_unchanged(speed, table))
         lines.append("")
     return lines
+
+
+def _served_unchanged(recovered: pd.DataFrame, table: pd.DataFrame) -> str:
+    """Recovery keeps the pruned shapes, so serving speed must not move: each recovered model's speed-up range
+    against its one-shot model's."""
+    by_label = table.set_index("model")
+    notes = []
+    for _, row in recovered.iterrows():
+        before = by_label.loc[row["recovered_from"]] if row["recovered_from"] in by_label.index else None
+        if before is None or pd.isna(before.get("speedup")):
+            continue
+        if pd.isna(row["speedup low"]) or pd.isna(before["speedup low"]):
+            verdict = "one repeat, not comparable"
+        else:
+            overlap = row["speedup low"] <= before["speedup high"] and before["speedup low"] <= row["speedup high"]
+            verdict = "unchanged within the repeats' ranges" if overlap else "**changed beyond the repeats' ranges**"
+        notes.append(f"{row['method']} {row['speedup']:.2f}x against {before['speedup']:.2f}x one-shot ({verdict})")
+    return "- vLLM throughput after recovery: " + "; ".join(notes) + "." if notes else ""
+
+
+def _ranking_note(ranked: pd.DataFrame, one_shot: pd.DataFrame, metric: str, recovery: str) -> str:
+    """After recovery: whether the methods keep the one-shot order on this metric at this sparsity."""
+    if recovery == ONE_SHOT:
+        return ""
+    before = one_shot.dropna(subset=[metric]).sort_values(metric, ascending=metric.startswith("ppl "))
+    before = [m for m in before["method"] if m in set(ranked["method"])]
+    after = list(ranked["method"])
+    if len(before) != len(after):
+        return ""
+    if before == after:
+        return f" The one-shot order ({' > '.join(after)}) holds."
+    return f" The order changes: {' > '.join(after)} here, {' > '.join(before)} one-shot."
 
 
 def _human_quality(table: pd.DataFrame) -> pd.DataFrame:
@@ -355,6 +404,9 @@ def _human_quality(table: pd.DataFrame) -> pd.DataFrame:
     if "margin mean" in _quality_metrics(table):
         out["Mean gold margin (nats ± SE)"] = [_margin_text(r, "margin mean") for _, r in table.iterrows()]
     out["Prune time (s)"] = table["prune_seconds"]
+    if (table["recovery"] != ONE_SHOT).any():
+        out.insert(1, "Recovery", table["recovery"])
+        out["Recovery time (s)"] = table["recovery_seconds"]
     return out
 
 
@@ -416,6 +468,8 @@ def _speedup_text(row: pd.Series) -> str | None:
 def _human_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Sparsity (%)": pairs["sparsity"] * 100,
                         "A vs B": pairs["method a"] + " vs " + pairs["method b"]})
+    if (pairs["recovery"] != ONE_SHOT).any():
+        out.insert(1, "Recovery", pairs["recovery"])
     for column in pairs.columns:
         if column.startswith("d ") and not column.endswith((" low", " high")):
             metric = column[2:]
@@ -461,6 +515,7 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
     sweep = sweep_table(records, plan["models"], plan.get("sweep_match") or [])
     plots += plot_sweep(sweep, out)
     plots += plot_widths(width_table(plan), out)
+    plots += plot_recovery(table, out)
     if Path(results).resolve() != (out / "results.jsonl").resolve():
         shutil.copyfile(results, out / "results.jsonl")
     lines = [
@@ -479,7 +534,8 @@ def write_report(results: str | Path, out: str | Path, header: str = "") -> Path
         "## Quality and size", "",
         "Perplexity with a 95% bootstrap interval over windows; accuracy with its standard error over documents.", "",
         _markdown(_human_quality(table), {"Params (M)": 1, "Sparsity, prunable (%)": 1,
-                                           "Sparsity, whole model (%)": 1, "Prune time (s)": 1}), "",
+                                           "Sparsity, whole model (%)": 1, "Prune time (s)": 1,
+                                           "Recovery time (s)": 0}), "",
         "## Paired differences (A - B, same windows and documents)", "",
         "Negative Δ log-ppl: A has the lower perplexity; positive Δ accuracy: A is more accurate. **Bold**: the "
         "95% paired-bootstrap interval excludes zero.", "",

@@ -26,6 +26,7 @@ from .evaluation import EvalProtocol, default_seqlen, evaluate, perplexity_windo
 from .executor import EXECUTORS, Task, import_ray, run_local, run_ray
 from .models import fingerprint, load_config, resolve_model
 from .prune_job import PruneJob
+from .recovery import RecoveryPlan, parse_recover_spec, recover, recovery_tag
 from .report import write_report
 from .serving.bench import (
     EnginePerplexity,
@@ -117,6 +118,7 @@ class RunPlan:
     executor: str = "local"  # "ray": every stage a Ray task (fasp_bench/executor.py)
     ray_address: str | None = None  # None: a local Ray instance
     task_cpus: float = 1.0  # CPUs a Ray task asks for when the run uses no GPU
+    recover: tuple[str, ...] = ()  # `kd:tokens=0,100000,all[,...]` specs: each pruned model distilled per budget
 
     def check(self) -> None:
         """Everything that can be wrong with the input, refused before any work starts."""
@@ -143,6 +145,8 @@ class RunPlan:
         if self.max_windows is not None and self.max_windows < 1:
             raise BenchError(f"--max-windows must be at least 1 window per set (got {self.max_windows})")
         self.methods = list(dict.fromkeys(method_spec(*parse_method_spec(m)) for m in self.methods))
+        for plan in self.recoveries:
+            plan.check()
         if not self.sparsities:
             raise BenchError("no sparsities given: --sparsities takes values in (0, 1), e.g. 0.1 0.2 0.3")
         for sparsity in self.sparsities:
@@ -157,6 +161,15 @@ class RunPlan:
         if self.serve:
             require_vllm()
         pruning.get_adapter(load_config(self.model))
+
+    @property
+    def recoveries(self) -> list[RecoveryPlan]:
+        """One plan per nonzero budget of `recover` (budget 0 is the pruned model itself), in the run's device
+        and dtype, c4-calval kept out at the profile's perplexity window length."""
+        seqlen = self.profile_settings.ppl_seqlen or default_seqlen(load_config(self.model))
+        plans = [p for spec in self.recover for p in parse_recover_spec(spec) if p.tokens != 0]
+        return list(dict.fromkeys(replace(p, device=self.device, dtype=self.dtype, seed=self.seed,
+                                          validation_seqlen=seqlen) for p in plans))
 
     @property
     def profile_settings(self) -> Profile:
@@ -199,7 +212,9 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                                  max_windows=settings.max_windows, limit=settings.limit, seed=plan.seed, dtype=dtype,
                                  device=str(device), backend=plan.eval_backend)
     jobs = [(m, s) for s in plan.sparsities for m in plan.methods]
-    stages = len(jobs) + (len(jobs) + 1) * (2 if plan.serve else 1) + 1
+    recoveries = plan.recoveries
+    models_count = 1 + len(jobs) * (1 + len(recoveries))
+    stages = len(jobs) * (1 + len(recoveries)) + models_count * (2 if plan.serve else 1) + 1
     bar = tqdm(total=stages, desc="fasp-bench run", unit="stage")
 
     dense_fp = fingerprint(plan.model)
@@ -211,7 +226,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     # a CPU serving measurement runs alone on its node: throughput beside another stage is not a measurement
     serve_need = {"cpus": 0 if gpu else plan.task_cpus, "gpus": plan.tensor_parallel_size if gpu else 0,
                   "whole_node": not gpu}
-    tasks, labels = [], ["dense"]
+    tasks, producer = [], {"dense": None}  # each model's label -> the task that makes it
     for method, sparsity in jobs:
         name, options = parse_method_spec(method)
         job = PruneJob(model=plan.model, method=name, options=options, sparsity=sparsity, nsamples=nsamples,
@@ -219,10 +234,16 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
                        round_to=plan.round_to, data_root=plan.data_root,
                        # what is served with tensor parallelism must split at every layer
                        tp_multiple=math.lcm(plan.tp_multiple, plan.tensor_parallel_size))
-        labels.append(_label(method, sparsity))
-        tasks.append(Task(f"prune {labels[-1]}", _prune, (job, method, plan.work_dir, store.path, dense_fp), **need))
-    # each model's stages take it as their last argument: dense as given, a pruned one from its prune
-    inputs = {label: ((dense,), ()) if label == "dense" else ((), (f"prune {label}",)) for label in labels}
+        label = _label(method, sparsity)
+        producer[label] = f"prune {label}"
+        tasks.append(Task(producer[label], _prune, (job, method, plan.work_dir, store.path, dense_fp), **need))
+        for recovery in recoveries:
+            recovered = f"{label}+{recovery_tag(recovery)}"
+            producer[recovered] = f"recover {recovered}"
+            tasks.append(Task(producer[recovered], _recover, (recovery, plan.model, plan.work_dir, store.path,
+                                                              plan.data_root), (producer[label],), **need))
+    # each model's stages take it as their last argument: dense as given, another from the task that made it
+    inputs = {label: ((dense,), ()) if made_by is None else ((), (made_by,)) for label, made_by in producer.items()}
     for label, (given, needs) in inputs.items():
         tasks.append(Task(f"evaluate {label}", _evaluate, (store.path, eval_protocol, plan.data_root, *given),
                           needs, **need))
@@ -236,7 +257,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         results = run_ray(tasks, bar, address=plan.ray_address, work_dir=plan.work_dir, store=store)
     else:
         results = run_local(tasks, bar)
-    models = [dense] + [results[f"prune {label}"] for label in labels[1:]]
+    models = [dense] + [results[task] for task in list(producer.values())[1:]]
     if models[1:]:
         models[0]["params"] = models[1]["params_before"]
     seqlen = settings.ppl_seqlen or default_seqlen(config)
@@ -280,6 +301,28 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
     bar.update(1)
     bar.close()
     return readme
+
+
+def _recover(recovery: RecoveryPlan, teacher: str, work_dir: Path, store_path: Path, data_root: Path | None,
+             pruned: dict) -> dict:
+    """Distil once per (pruned checkpoint, plan): a folder whose fingerprint matches the store's record is reused."""
+    store = ResultsStore(store_path)
+    label = f"{pruned['label']}+{recovery_tag(recovery)}"
+    out = work_dir / "checkpoints" / _folder_name(f"{Path(teacher).name}-{label}")
+    key = {**asdict(recovery), "teacher": fingerprint(teacher)}
+    record = store.get(pruned["fingerprint"], "recover", key)
+    done = (record is not None and read_metadata(out) is not None
+            and fingerprint(str(out)) == record["result"]["checkpoint_fingerprint"])
+    if not done:
+        result = recover(pruned["path"], teacher, recovery, out, data_root=data_root, overwrite=True)
+        record = store.add(pruned["fingerprint"], "recover", key, {
+            "checkpoint": str(out), "checkpoint_fingerprint": read_metadata(out)["fingerprint"]["sha256_20"],
+            **{k: result[k] for k in ("tokens", "source", "source_tokens", "passes", "steps", "seconds", "loss")}},
+            model=label)
+    r = record["result"]
+    return {**pruned, "label": label, "fingerprint": r["checkpoint_fingerprint"], "path": str(out),
+            "recovery": recovery_tag(recovery), "recovery_tokens": r["tokens"], "recovery_seconds": r["seconds"],
+            "recovered_from": pruned["label"]}
 
 
 def _evaluate(store_path: Path, protocol: EvalProtocol, data_root: Path | None, model: dict) -> None:

@@ -274,3 +274,50 @@ def test_recover_command_end_to_end_in_a_subprocess(pruned_dir, teacher_dir, dat
     meta = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert meta["recovery"]["dtype"] == "bfloat16" and len(meta["recovery"]["loss"]) == 8
     assert meta["fingerprint"]["sha256_20"] == pruning.checkpoint.content_fingerprint(tmp_path / "out")
+
+
+def test_the_main_job_recovers_each_pruned_model_per_budget_and_reports_the_ranking(cli, teacher_dir, data_root,
+                                                                                    tmp_path):
+    args = ["run", "--model", teacher_dir, "--methods", "fasp", "wanda-sp", "--sparsities", "0.4",
+            "--profile", "minimal", "--no-serve", "--zeroshot", "none", "--dtype", "float32", "--device", "cpu",
+            "--recover", "kd:tokens=0,2048,seqlen=32,batch_size=4,micro_batch=2,lr=2e-3",
+            "--work-dir", tmp_path / "work", "--out", tmp_path / "report"]
+    code, _, err = cli(*args, data=data_root)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "work" / "results.jsonl").read_text().splitlines()]
+    recovered = {r["model"]: r["result"] for r in records if r["metric"] == "recover"}
+    assert set(recovered) == {"fasp-0.4+kd-2048", "wanda-sp-0.4+kd-2048"}
+    assert all(r["tokens"] == 2048 and r["source"] == "c4" for r in recovered.values())
+    scored = {r["fingerprint"] for r in records if r["metric"] == "perplexity"}
+    assert {r["checkpoint_fingerprint"] for r in recovered.values()} <= scored  # evaluated like any checkpoint
+    report = (tmp_path / "report" / "README.md").read_text()
+    assert "**40% sparsity, after recovery kd-2048**" in report
+    assert "one-shot order" in report or "The order changes" in report
+    assert (tmp_path / "report" / "recovery.png").is_file()
+    run_record = next(r for r in records if r["metric"] == "run")["result"]
+    assert [m["label"] for m in run_record["models"]] == ["dense", "fasp-0.4", "fasp-0.4+kd-2048", "wanda-sp-0.4",
+                                                          "wanda-sp-0.4+kd-2048"]
+    # a rerun trains nothing again: every recovery is on record with its checkpoint
+    code, _, err = cli(*args, data=data_root)
+    assert code == 0, err
+    lines = (tmp_path / "work" / "results.jsonl").read_text().splitlines()
+    assert sum(json.loads(line)["metric"] == "recover" for line in lines) == 2
+
+
+def test_the_report_checks_that_recovery_leaves_the_served_speed_where_pruning_put_it():
+    import pandas as pd
+
+    from fasp_bench.report import _served_unchanged
+
+    table = pd.DataFrame([
+        {"model": "fasp-0.3", "method": "fasp", "recovered_from": None, "speedup": 1.20, "speedup low": 1.10,
+         "speedup high": 1.30},
+        {"model": "fasp-0.3+kd-all", "method": "fasp", "recovered_from": "fasp-0.3", "speedup": 1.18,
+         "speedup low": 1.05, "speedup high": 1.25},
+        {"model": "flap-0.3", "method": "flap", "recovered_from": None, "speedup": 1.20, "speedup low": 1.15,
+         "speedup high": 1.25},
+        {"model": "flap-0.3+kd-all", "method": "flap", "recovered_from": "flap-0.3", "speedup": 0.90,
+         "speedup low": 0.85, "speedup high": 0.95}])
+    line = _served_unchanged(table[table["recovered_from"].notna()], table)
+    assert "fasp 1.18x against 1.20x one-shot (unchanged within the repeats' ranges)" in line
+    assert "flap 0.90x against 1.20x one-shot (**changed beyond the repeats' ranges**)" in line
