@@ -275,7 +275,6 @@ def recover(checkpoint: str, teacher: str, plan: RecoveryPlan, out: str | Path, 
     A rerun with the same plan resumes from `<out>.recovery/` (a different plan there is refused in one line);
     `callbacks`: extra transformers TrainerCallbacks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     plan = plan.check()
     out = check_output_dir(out, overwrite)
@@ -319,9 +318,9 @@ def recover(checkpoint: str, teacher: str, plan: RecoveryPlan, out: str | Path, 
                             callbacks=[progress, *(callbacks or [])], teacher=teacher_model,
                             temperature=plan.temperature, lm_weight=plan.lm_weight)
     trainer.remove_callback(PrinterCallback)  # the bar shows the loss; the curve goes to pruning.json
-    resume = get_last_checkpoint(str(state))
-    resumed_at = int(resume.rsplit("-", 1)[-1]) if resume else 0
-    trainer.train(resume_from_checkpoint=resume)
+    resume = _last_complete_checkpoint(state)
+    resumed_at = int(resume.name.rsplit("-", 1)[-1]) if resume else 0
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = progress.seconds()
     model = trainer.model.merge_and_unload() if plan.lora_rank else trainer.model
     model = model.to("cpu", saved_dtype)
@@ -343,6 +342,18 @@ def recover(checkpoint: str, teacher: str, plan: RecoveryPlan, out: str | Path, 
     save_pruned(model, out, metadata, tokenizer=tokenizer, overwrite=overwrite)
     shutil.rmtree(state, ignore_errors=True)
     return record
+
+
+def _last_complete_checkpoint(state: Path) -> Path | None:
+    """The Trainer's newest checkpoint that was fully written (it writes trainer_state.json last); one cut short
+    by a kill mid-save is deleted, so the run resumes from the one before it."""
+    steps = {}
+    for folder in state.glob("checkpoint-*"):
+        if (folder / "trainer_state.json").is_file() and folder.name.split("-")[-1].isdigit():
+            steps[int(folder.name.split("-")[-1])] = folder
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return steps[max(steps)] if steps else None
 
 
 def _claim_state(state: Path, identity: dict) -> None:
