@@ -149,15 +149,27 @@ def source_windows(plan: RecoveryPlan, tokenizer, teacher: str, data_root: Path 
     else:
         pool = teacher_windows(teacher, math.ceil(plan.tokens / plan.seqlen), plan.seqlen, plan.seed)
     available = pool.numel()
+    passes = _passes(plan, available)
+    count = (available if plan.tokens is None else plan.tokens) // plan.seqlen
+    generator = torch.Generator().manual_seed(plan.seed)
+    orders = [torch.arange(len(pool))] + [torch.randperm(len(pool), generator=generator) for _ in range(passes - 1)]
+    return pool[torch.cat(orders)[:count]], available
+
+
+def _passes(plan: RecoveryPlan, available: int) -> int:
+    """Passes over a source of `available` tokens the budget takes; more than `epochs` is refused."""
     wanted = available if plan.tokens is None else plan.tokens
     passes = math.ceil(wanted / available)
     if passes > plan.epochs:
         raise BenchError(f"a budget of {wanted:,} tokens needs {passes} passes over the {plan.source} source's "
                          f"{available:,} tokens: lower --tokens, or allow --epochs {passes}")
-    count = wanted // plan.seqlen
-    generator = torch.Generator().manual_seed(plan.seed)
-    orders = [torch.arange(len(pool))] + [torch.randperm(len(pool), generator=generator) for _ in range(passes - 1)]
-    return pool[torch.cat(orders)[:count]], available
+    return passes
+
+
+def check_budget(plan: RecoveryPlan, tokenizer, data_root: Path | None) -> None:
+    """Refuse, before any work, a c4 budget the source cannot give (the teacher source has no limit)."""
+    if plan.source == "c4":
+        _passes(plan, training_ids(tokenizer, plan.seqlen, plan.validation_seqlen, plan.seed, data_root).numel())
 
 
 def teacher_windows(teacher: str, count: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from .evaluation import EvalProtocol, default_seqlen, evaluate, perplexity_windo
 from .executor import EXECUTORS, Task, import_ray, run_local, run_ray
 from .models import fingerprint, load_config, resolve_model
 from .prune_job import PruneJob
-from .recovery import RecoveryPlan, parse_recover_spec, recover, recovery_tag
+from .recovery import RecoveryPlan, check_budget, parse_recover_spec, recover, recovery_tag
 from .report import write_report
 from .serving.bench import (
     EnginePerplexity,
@@ -145,8 +145,10 @@ class RunPlan:
         if self.max_windows is not None and self.max_windows < 1:
             raise BenchError(f"--max-windows must be at least 1 window per set (got {self.max_windows})")
         self.methods = list(dict.fromkeys(method_spec(*parse_method_spec(m)) for m in self.methods))
-        for plan in self.recoveries:
-            plan.check()
+        if self.recover:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.model))
+            for plan in self.recoveries:
+                check_budget(plan.check(), tokenizer, self.data_root)
         if not self.sparsities:
             raise BenchError("no sparsities given: --sparsities takes values in (0, 1), e.g. 0.1 0.2 0.3")
         for sparsity in self.sparsities:

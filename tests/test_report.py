@@ -290,6 +290,9 @@ def test_method_options_give_two_checkpoints_and_a_rerun_recomputes_nothing(cli,
         (("--sweep", "0x64x256"), "BATCHxINxOUT with each at least 1"),
         (("--ray-address", "10.0.0.1:6379"), "--ray-address is for --executor ray"),
         (("--executor", "ray", "--task-cpus", "0"), "--task-cpus must be positive"),
+        (("--recover", "kd:tokens=1e9,seqlen=32"), "passes over the c4 source"),
+        (("--recover", "kd:tokens=all,source=teacher"), "tokens=all needs the c4 source"),
+        (("--recover", "lora:tokens=100"), "unknown recovery 'lora'"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cli, tiny_model_dirs, data_root, tmp_path, extra, message):
