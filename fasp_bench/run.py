@@ -194,6 +194,11 @@ def _label(method: str, sparsity: float) -> str:
     return f"{method}-{sparsity:g}"
 
 
+def _recovered_label(label: str, recovery: RecoveryPlan) -> str:
+    """A recovered model's name: its pruned model's and the recovery's (`fasp-0.2+kd-all`)."""
+    return f"{label}+{recovery_tag(recovery)}"
+
+
 def _folder_name(label: str) -> str:
     """A checkpoint folder name from a label (`fasp:restore=false-0.2` -> `fasp_restore=false-0.2`)."""
     return label.replace(":", "_").replace(",", "_").replace("/", "_")
@@ -240,7 +245,7 @@ def run(plan: RunPlan, command: str = "fasp-bench run") -> Path:
         producer[label] = f"prune {label}"
         tasks.append(Task(producer[label], _prune, (job, method, plan.work_dir, store.path, dense_fp), **need))
         for recovery in recoveries:
-            recovered = f"{label}+{recovery_tag(recovery)}"
+            recovered = _recovered_label(label, recovery)
             producer[recovered] = f"recover {recovered}"
             tasks.append(Task(producer[recovered], _recover, (recovery, plan.model, plan.work_dir, store.path,
                                                               plan.data_root), (producer[label],), **need))
@@ -309,7 +314,7 @@ def _recover(recovery: RecoveryPlan, teacher: str, work_dir: Path, store_path: P
              pruned: dict) -> dict:
     """Distil once per (pruned checkpoint, plan): a folder whose fingerprint matches the store's record is reused."""
     store = ResultsStore(store_path)
-    label = f"{pruned['label']}+{recovery_tag(recovery)}"
+    label = _recovered_label(pruned["label"], recovery)
     out = work_dir / "checkpoints" / _folder_name(f"{Path(teacher).name}-{label}")
     key = {**asdict(recovery), "teacher": fingerprint(teacher)}
     record = store.get(pruned["fingerprint"], "recover", key)
