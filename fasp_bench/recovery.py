@@ -119,8 +119,16 @@ def recovery_tag(plan: RecoveryPlan) -> str:
     n = plan.tokens
     budget = ("all" if n is None else f"{n // 1_000_000}M" if n and n % 1_000_000 == 0
               else f"{n // 1000}k" if n and n % 1000 == 0 else str(n))
+    # every setting off its default is named, so two recoveries of one model never share a label or a folder
+    default = RecoveryPlan(tokens=n)
+    named = [f"{short}{getattr(plan, field):g}" for field, short in _TAGS
+             if getattr(plan, field) != getattr(default, field)]
     return "-".join(["kd", budget, *([plan.source] if plan.source != "c4" else []),
-                     *([f"lora{plan.lora_rank}"] if plan.lora_rank else [])])
+                     *([f"lora{plan.lora_rank}"] if plan.lora_rank else []), *named])
+
+
+_TAGS = (("learning_rate", "lr"), ("temperature", "T"), ("lm_weight", "lm"), ("epochs", "ep"), ("seqlen", "len"),
+         ("batch_size", "bs"), ("micro_batch", "mb"), ("lora_alpha", "alpha"))
 
 
 def parse_tokens(value: str, zero: bool = False) -> int | None:

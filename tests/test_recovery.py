@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import pruning
 from fasp_bench import data
-from fasp_bench.recovery import RecoveryPlan, distillation_loss, parse_recover_spec, recover
+from fasp_bench.recovery import RecoveryPlan, distillation_loss, parse_recover_spec, recover, recovery_tag
 
 SEQLEN = 32
 PLAN = RecoveryPlan(tokens=16 * SEQLEN * 4, seqlen=SEQLEN, batch_size=4, micro_batch=2, learning_rate=2e-3,
@@ -193,6 +193,9 @@ def test_recover_spec_gives_one_plan_per_budget():
     plans = parse_recover_spec("kd:tokens=0,2.5e5,all,source=teacher,lora=8,lr=1e-4")
     assert [p.tokens for p in plans] == [0, 250_000, None]
     assert {(p.source, p.lora_rank, p.learning_rate) for p in plans} == {("teacher", 8, 1e-4)}
+    # each setting off its default is in the label: two recoveries differing in one never share a folder
+    assert recovery_tag(plans[1]) == "kd-250k-teacher-lora8-lr0.0001"
+    assert recovery_tag(parse_recover_spec("kd:tokens=all")[0]) == "kd-all"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -296,17 +299,18 @@ def test_the_main_job_recovers_each_pruned_model_per_budget_and_reports_the_rank
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "work" / "results.jsonl").read_text().splitlines()]
     recovered = {r["model"]: r["result"] for r in records if r["metric"] == "recover"}
-    assert set(recovered) == {"fasp-0.4+kd-2048", "wanda-sp-0.4+kd-2048"}
+    assert set(recovered) == {"fasp-0.4+kd-2048-lr0.002-len32-bs4-mb2", "wanda-sp-0.4+kd-2048-lr0.002-len32-bs4-mb2"}
     assert all(r["tokens"] == 2048 and r["source"] == "c4" for r in recovered.values())
     scored = {r["fingerprint"] for r in records if r["metric"] == "perplexity"}
     assert {r["checkpoint_fingerprint"] for r in recovered.values()} <= scored  # evaluated like any checkpoint
     report = (tmp_path / "report" / "README.md").read_text()
-    assert "**40% sparsity, after recovery kd-2048**" in report
+    assert "**40% sparsity, after recovery kd-2048-lr0.002-len32-bs4-mb2**" in report
     assert "one-shot order" in report or "The order changes" in report
     assert (tmp_path / "report" / "recovery.png").is_file()
     run_record = next(r for r in records if r["metric"] == "run")["result"]
-    assert [m["label"] for m in run_record["models"]] == ["dense", "fasp-0.4", "fasp-0.4+kd-2048", "wanda-sp-0.4",
-                                                          "wanda-sp-0.4+kd-2048"]
+    tag = "kd-2048-lr0.002-len32-bs4-mb2"  # the budget and every setting off its default
+    assert [m["label"] for m in run_record["models"]] == ["dense", "fasp-0.4", f"fasp-0.4+{tag}", "wanda-sp-0.4",
+                                                          f"wanda-sp-0.4+{tag}"]
     # a rerun trains nothing again: every recovery is on record with its checkpoint
     code, _, err = cli(*args, data=data_root)
     assert code == 0, err
