@@ -204,13 +204,23 @@ def engine_ppl_table(records: list[dict], run: dict | None = None) -> pd.DataFra
         for dataset, served in _select(records, model["fingerprint"], "served_perplexity", match).items():
             ours = reference.get(dataset)
             engine = served["result"].get("ppl")
-            theirs = ours["result"]["ppl"] if ours else None
+            theirs = _leading_ppl(ours["result"], served["result"].get("windows")) if ours else None
             gap, agrees = ppl_gap(engine, theirs, match["dtype"]) if engine and theirs else (None, False)
-            rows.append({"model": model["label"], "dataset": dataset, "transformers": theirs, "vLLM": engine,
+            rows.append({"model": model["label"], "dataset": dataset, "windows": served["result"].get("windows"),
+                         "transformers": theirs, "vLLM": engine,
                          "gap": gap, "tolerance": ENGINE_PPL_TOLERANCE[match["dtype"]],
                          "status": (served["result"].get("error") or "no transformers record" if gap is None
                                     else "agrees" if agrees else "FAILED: the served model differs")})
     return pd.DataFrame(rows)
+
+
+def _leading_ppl(result: dict, windows: int | None) -> float | None:
+    """Perplexity over the first `windows` windows of a perplexity record (all of them when None): the windows the
+    engine scored, where it scored fewer than transformers did."""
+    nll = result.get("window_nll")
+    if not windows or nll is None or windows == len(nll):
+        return result["ppl"]
+    return math.exp(math.fsum(nll[:windows]) / windows) if windows < len(nll) else None
 
 
 def kv_table(records: list[dict], run: dict | None = None, seq_len: int = 2048) -> pd.DataFrame:
@@ -629,17 +639,18 @@ def _engine_ppl_section(ppl: pd.DataFrame) -> list[str]:
     if ppl.empty:
         return []
     out = pd.DataFrame({"Model": ppl["model"], "Set": ppl["dataset"].map(lambda d: DATASET_NAMES.get(d, d)),
-                        "transformers ppl": ppl["transformers"], "vLLM ppl": ppl["vLLM"]})
+                        "Windows": ppl["windows"], "transformers ppl": ppl["transformers"], "vLLM ppl": ppl["vLLM"]})
     out["Gap (%)"] = [None if pd.isna(g) else f"{g * 100:+.3f}" for g in ppl["gap"]]
     out["Tolerance (%)"] = ppl["tolerance"] * 100
     out["Status"] = ppl["status"]
     failed = (ppl["status"] != "agrees").sum()
     return ["## Quality inside the engine", "",
             "Perplexity of every served checkpoint computed by vLLM from its prompt logprobs, on the windows "
-            "transformers scored above; a gap beyond the serving dtype's tolerance means vLLM serves a different "
+            "transformers scored above (the first ones where Windows is fewer; transformers' perplexity here is "
+            "over the same windows); a gap beyond the serving dtype's tolerance means vLLM serves a different "
             "model than the one evaluated (a loading or plugin fault) and is reported as a failure. "
             + (f"**{failed} of {len(ppl)} failed.**" if failed else f"All {len(ppl)} agree."), "",
-            _markdown(out, {"transformers ppl": 3, "vLLM ppl": 3, "Tolerance (%)": 1}), ""]
+            _markdown(out, {"Windows": 0, "transformers ppl": 3, "vLLM ppl": 3, "Tolerance (%)": 1}), ""]
 
 
 def _kv_section(kv: pd.DataFrame, plan: dict) -> list[str]:

@@ -196,6 +196,34 @@ def test_sweep_table_gives_limit_and_share_from_the_stored_bounds(tmp_path):
     assert kv["small"] == ["80", "100", "6,553", "20"]
 
 
+def test_engine_perplexity_on_fewer_windows_is_compared_with_the_same_windows_of_transformers(tmp_path):
+    """The quick profile scores the first 8 of 24 windows inside vLLM: transformers' figure beside it must be its
+    perplexity over those 8 windows, not over all 24 (which would flag a sound checkpoint, or pass a broken one)."""
+    from fasp_bench.report import engine_ppl_table
+
+    nll = [2.0 + 0.1 * i for i in range(24)]  # later windows are harder: the 8-window and 24-window ppl differ
+    first8 = math.exp(sum(nll[:8]) / 8)
+    store = ResultsStore(tmp_path / "r.jsonl")
+    key = {"dataset": "wikitext2", "seqlen": 8, "dtype": "bfloat16", "device": "cpu"}
+    served_key = {"dataset": "wikitext2", "seqlen": 8, "dtype": "bfloat16", "engine": "in-process",
+                  "tensor_parallel_size": 1}
+    served = {"sound": first8 * 1.002, "broken": first8 * 1.05}  # inside / outside bf16's 1%
+    models = []
+    for label, engine_ppl in served.items():
+        store.add(label, "perplexity", {**key, "max_windows": 24}, {"ppl": math.exp(sum(nll) / 24), "window_nll": nll})
+        store.add(label, "served_perplexity", {**served_key, "max_windows": 8},
+                  {"ppl": engine_ppl, "windows": 8, "window_nll": [math.log(engine_ppl)] * 8})
+        models.append({"label": label, "fingerprint": label})
+    run = {"result": {"models": models, "ppl_match": {"seqlen": 8, "dtype": "bfloat16", "device": "cpu"},
+                      "served_ppl_match": {k: v for k, v in served_key.items() if k != "dataset"}}}
+    table = engine_ppl_table(store.records(), run).set_index("model")
+    assert table.loc["sound", "transformers"] == pytest.approx(first8)
+    assert table.loc["sound", "gap"] == pytest.approx(0.002)
+    assert table.loc["sound", "status"] == "agrees"
+    assert table.loc["broken", "status"].startswith("FAILED")
+    assert table.loc["sound", "windows"] == 8
+
+
 def test_step_overhead_recovers_a_fixed_cost_and_a_bandwidth():
     from fasp_bench.report import step_overhead
 

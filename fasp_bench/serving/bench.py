@@ -232,6 +232,14 @@ class EnginePerplexity:
     windows: list[list[int]]
 
 
+def served_subset(key: dict, windows: list[list[int]], count: int | None) -> EnginePerplexity:
+    """The first `count` of an evaluation's windows (all when None), named as a transformers record of that many
+    windows of the same set would be; the report compares them with the first `count` of transformers' windows."""
+    if count is None or count >= len(windows):
+        return EnginePerplexity(key, windows)
+    return EnginePerplexity({**key, "max_windows": count}, windows[:count])
+
+
 # How far the engine's perplexity of a checkpoint may be from transformers' on the same windows before the
 # checkpoint is reported as served wrongly (relative): float32 leaves only summation order; half precision
 # rounds differently in each engine's kernels.
