@@ -8,6 +8,7 @@ calibration pool; 500-999 are held out for evaluation ("c4-heldout"), so the two
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -205,8 +206,36 @@ def perplexity_text(name: str, root: Path | None) -> str:
     return wikitext2_test_text(root) if name == "wikitext2" else c4_eval_text(root)
 
 
+# Token ids per (set, tokenizer files, seqlen, data, seed), kept for the process: every checkpoint of a run carries
+# its dense model's tokenizer, and tokenizing the whole WikiText-2 test text takes seconds per model.
+_PERPLEXITY_IDS: dict[tuple, torch.Tensor] = {}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt")
+
+
+def tokenizer_identity(tokenizer) -> str | None:
+    """A digest of the files that decide how a tokenizer loaded from a folder splits text; None when it was not
+    loaded from a folder (nothing to compare another tokenizer with)."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    files = [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()] if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def perplexity_ids(name: str, tokenizer, seqlen: int, root: Path | None, seed: int = 0) -> torch.Tensor:
     """The token ids a perplexity set is scored on, [1, n]: a test text tokenized once, or c4-calval's windows."""
-    if perplexity_dataset(name, root) == "c4-calval":
-        return calibration_validation_ids(tokenizer, seqlen, seed, root)[None]
-    return tokenizer(perplexity_text(name, root), add_special_tokens=False, return_tensors="pt").input_ids
+    identity = tokenizer_identity(tokenizer)
+    key = (perplexity_dataset(name, root), identity, seqlen, str(root), seed)
+    if identity is not None and key in _PERPLEXITY_IDS:
+        return _PERPLEXITY_IDS[key].clone()
+    if key[0] == "c4-calval":
+        ids = calibration_validation_ids(tokenizer, seqlen, seed, root)[None]
+    else:
+        ids = tokenizer(perplexity_text(name, root), add_special_tokens=False, return_tensors="pt").input_ids
+    if identity is not None:
+        _PERPLEXITY_IDS[key] = ids.clone()
+    return ids

@@ -74,7 +74,7 @@ PROFILES = {
     # documents per task (about +-6 points) nor any affordable count: 10 keep the stage as a check of the pipeline
     # and the report says it is not resolved (BoolQ left out, above). Scoring 8 of the 24 windows inside vLLM still
     # checks each served checkpoint against transformers (a plugin fault moves every window) at half the cost (7 s
-    # against 15 s of a 35 s serving stage on SmolLM2), which keeps the job inside 15 minutes. Wall time: README.
+    # against 15 s of a 35 s serving stage on SmolLM2), toward the 15-minute budget. Fresh-clone wall time: README.
     "quick": Profile(nsamples=16, calibration_seqlen=512, ppl_seqlen=512, max_windows=24, limit=10,
                      tasks=TASKS_WITHOUT_BOOLQ,
                      serve=ServeProtocol(prompts=8, input_len=64, output_len=32, repeats=3),

@@ -93,3 +93,31 @@ def test_calibration_side_validation_windows_avoid_every_calibration_window(data
     validation = runs(windows)
     assert not validation & runs(draw)
     assert not validation & runs(tokenizer(perplexity_text("c4", data_root)[:200_000], return_tensors="pt").input_ids)
+
+
+def test_perplexity_ids_are_reused_only_for_the_same_tokenizer_files(tmp_path, data_root):
+    """A run tokenizes each test text once for all its checkpoints (they carry the dense model's tokenizer); a
+    tokenizer whose files differ must get its own tokenization, not the cached one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from fasp_bench.data import perplexity_ids, perplexity_text
+
+    def trained(corpus: str, vocab: int) -> PreTrainedTokenizerFast:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator([corpus] * 10, trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+    text = perplexity_text("wikitext2", data_root)
+    trained("the quick brown fox jumps over the lazy dog", 300).save_pretrained(tmp_path / "dense")
+    trained("the quick brown fox jumps over the lazy dog", 300).save_pretrained(tmp_path / "pruned")  # same files
+    trained("an entirely different corpus of words = , .", 400).save_pretrained(tmp_path / "other")
+    ids = {}
+    for name in ("dense", "pruned", "other"):
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / name)
+        ids[name] = perplexity_ids("wikitext2", tokenizer, 64, data_root)
+        expected = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids  # the oracle
+        assert torch.equal(ids[name], expected), name
+    assert not torch.equal(ids["other"][:, :1000], ids["dense"][:, :1000])

@@ -73,7 +73,7 @@ def run(spec: dict) -> dict:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     bos = bos_id(llm.get_tokenizer())
     measured = [_measure_point(llm, vocab, bos, *point, spec) for point in points]
-    scored = {dataset: _window_nll(llm, windows) for dataset, windows in ppl.items()}
+    scored = {dataset: _window_nll(llm, windows, vocab) for dataset, windows in ppl.items()}
     cache = llm.llm_engine.vllm_config.cache_config
     engine = {
         "kv_cache_tokens": int(cache.num_gpu_blocks * cache.block_size),
@@ -90,10 +90,18 @@ def run(spec: dict) -> dict:
     return {**measured[0], **engine, **({"ppl": scored} if scored else {})}
 
 
-_PPL_GROUP = 8  # windows per request batch: bounds the [tokens, vocab] logprobs the engine forms at once
+_PPL_GROUP = 8  # windows per request batch at most
+# ... and at most this many bytes of float32 prompt logprobs per batch ([tokens, vocab]: 8 windows of 512 are 0.8 GB
+# on SmolLM2's 49k vocabulary, 4.3 GB on Gemma-3's 262k, which the engine forms again in its own temporaries)
+_PPL_LOGPROB_BYTES = 1 << 30
 
 
-def _window_nll(llm, windows: list[list[int]]) -> list[float]:
+def ppl_group(window_len: int, vocab: int) -> int:
+    """Windows scored per request batch: as many as fit the logprob budget, between 1 and _PPL_GROUP."""
+    return max(1, min(_PPL_GROUP, _PPL_LOGPROB_BYTES // (4 * window_len * vocab)))
+
+
+def _window_nll(llm, windows: list[list[int]], vocab: int) -> list[float]:
     """Each window's mean NLL of its tokens after the first, from the engine's prompt logprobs (the actual next
     token's log-softmax, in float32 over the model's logits)."""
     from vllm import SamplingParams
@@ -101,8 +109,9 @@ def _window_nll(llm, windows: list[list[int]]) -> list[float]:
 
     params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0, detokenize=False)
     nll = []
-    for start in range(0, len(windows), _PPL_GROUP):
-        group = windows[start:start + _PPL_GROUP]
+    size = ppl_group(max(map(len, windows)), vocab)
+    for start in range(0, len(windows), size):
+        group = windows[start:start + size]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in group], params, use_tqdm=False)
         for ids, output in zip(group, outputs, strict=True):
             scores = output.prompt_logprobs[1:]  # the first token has no prediction
