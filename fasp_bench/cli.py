@@ -38,6 +38,9 @@ from .store import STORE_FILE, ResultsStore
 from .study import load_study, study_tables, summary_table
 from .zeroshot import ALL_TASKS, BACKENDS, resolve_tasks
 
+REMEASURE_HELP = ("measure every serving point again even where the store holds it (when other work disturbed the "
+                  "machine): the new records supersede the old; leave it off to resume a run")
+
 
 def _method_options(args, method: str) -> dict:
     """Method-specific flags -> options of that method (a flag given to another method is refused)."""
@@ -146,7 +149,8 @@ def cmd_serve(args) -> int:
     store = ResultsStore(Path(args.run_dir) / STORE_FILE)
     sweep = _sweep_arg(args.sweep) or ()
     with tqdm(total=len(specs), desc="serving", unit="model") as bar:
-        rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar, sweep=sweep)
+        rows = serve_models(specs, store, protocol, timeout_s=args.timeout, progress=bar, sweep=sweep,
+                            remeasure=args.remeasure)
     print(serving_table(rows).to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
     if sweep:
         models = [{"label": spec, "fingerprint": fingerprint(spec), "method": None if i == 0 else "pruned"}
@@ -197,7 +201,7 @@ def cmd_run(args) -> int:
                    tasks=None if args.zeroshot is None else tuple(resolve_tasks(args.zeroshot)), limit=args.limit,
                    max_windows=args.max_windows, eval_backend=args.eval_backend, sweep=_sweep_arg(args.sweep),
                    executor=args.executor, ray_address=args.ray_address, task_cpus=args.task_cpus,
-                   recover=tuple(args.recover))
+                   recover=tuple(args.recover), remeasure_serving=args.remeasure_serving)
     readme = run(plan, command=" ".join(["python scripts/compare.py" if args.script else "fasp-bench run",
                                           *(args.argv or [])]))
     print(f"report: {readme}")
@@ -371,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900, help="seconds before a model's process is killed")
     p.add_argument("--run-dir", default="runs", help="folder of the results store results.jsonl (default runs/)")
+    p.add_argument("--remeasure", action="store_true", help=REMEASURE_HELP)
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("run", help="the whole comparison: prune, evaluate, serve, report (scripts/compare.py)")
@@ -387,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_alignment_args(p)
     _add_tp_arg(p)
     p.add_argument("--no-serve", action="store_true", help="skip the vLLM stage")
+    p.add_argument("--remeasure-serving", action="store_true", help=REMEASURE_HELP)
     p.add_argument("--nsamples", type=int, help="calibration windows instead of the profile's (use a --work-dir "
                                                  "per count: checkpoint folders are named by method and sparsity)")
     p.add_argument("--ppl", help="comma-separated perplexity sets instead of the profile's: wikitext2, c4, c4-calval "

@@ -223,6 +223,21 @@ def test_sweep_points_are_stored_with_their_bounds_and_reused(served_checkpoints
     monkeypatch.setattr(bench, "measure_in_subprocess", no_measuring)
     assert cli(*args)[0] == 0 and len(store.records()) == 6
 
+    # --remeasure measures every point again in one engine per model, and the new records are the ones read
+    asked = []
+
+    def fresh_measuring(path, protocol, timeout_s, points, ppl):
+        asked.append((path, [(p.prompts, p.input_len, p.output_len) for p in points]))
+        return {"points": [{"output_tok_s": 1.0, "output_tok_s_runs": [1.0]} for _ in points]}
+
+    monkeypatch.setattr(bench, "measure_in_subprocess", fresh_measuring)
+    assert cli(*args, "--remeasure")[0] == 0
+    assert [path for path, _ in asked] == [dense, fasp]
+    assert all(sorted(points) == [(1, 16, 8), (2, 32, 1), (3, 16, 8)] for _, points in asked)
+    assert len(ResultsStore(store.path).records()) == 6  # superseded, keyed as before
+    assert all(r["result"]["output_tok_s"] == 1.0 for r in ResultsStore(store.path).records())
+    assert len(store.path.read_text().splitlines()) == 12  # the old lines stay in the file
+
 
 @pytest.mark.parametrize("point", ["8x64", "0x64x256", "8x64x256x1"])
 def test_a_malformed_sweep_point_is_refused_before_any_engine(served_checkpoints, cli, tmp_path, point):

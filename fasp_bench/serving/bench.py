@@ -259,10 +259,11 @@ def served_ppl_key(ppl: EnginePerplexity, protocol: ServeProtocol) -> dict:
 
 def serve_models(specs: list[str], store: ResultsStore, protocol: ServeProtocol, names: list[str] | None = None,
                  timeout_s: float = 900, progress=None, sweep: tuple[tuple[int, int, int], ...] = (),
-                 ppl: list[EnginePerplexity] = ()) -> list[dict]:
+                 ppl: list[EnginePerplexity] = (), remeasure: bool = False) -> list[dict]:
     """Measure every (model, point) not already in the store (a stored failure is retried), and score every
     perplexity set of `ppl` inside the engine: one engine per model does what is missing. Returns one row per
-    model at the protocol's own point."""
+    model at the protocol's own point. `remeasure`: every point is measured again (the machine was disturbed
+    when they were); the new records supersede the stored ones, and engine perplexity stays as stored."""
     protocol.check()
     protocol = protocol.resolved()
     points = sweep_points(protocol, sweep)
@@ -274,7 +275,7 @@ def serve_models(specs: list[str], store: ResultsStore, protocol: ServeProtocol,
         path = resolve_model(spec)
         fp = fingerprint(spec)
         results = {}
-        for point in points:
+        for point in [] if remeasure else points:
             found = store.get(fp, "serving", asdict(point))
             if found is not None and "output_tok_s_runs" in found["result"]:  # not a failure, every repeat kept
                 results[point] = {**found["result"], "status": "cached"}

@@ -179,6 +179,11 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec["kv_cache_gib"]))
     print(RESULT_TAG + json.dumps(run(spec)), flush=True)
+    if spec.get("engine") == "in-process":
+        # The result is out; what is left is vLLM's teardown and the interpreter's (freeing the model, joining
+        # threads), which measures nothing. An in-process engine has no worker to shut down, so end here.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM's engine core is a spawned process: the LLM is created under this guard
