@@ -6,7 +6,9 @@ weights. Every measurement is keyed by the model's content fingerprint and its f
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .data import C4_EVAL_WINDOWS, C4_SHARD, WIKITEXT2_TEST, bos_id, data_file, perplexity_dataset, perplexity_ids
@@ -15,7 +17,7 @@ from .errors import BenchError
 from .models import fingerprint, load_config, load_model, resolve_model
 from .perplexity import perplexity, ppl_windows
 from .store import ResultsStore
-from .zeroshot import BACKENDS, check_task_data, evaluate_task, hf_lm, task_source, unavailable_reason, vllm_lm
+from .zeroshot import BACKENDS, check_task_data, evaluate_tasks, hf_lm, task_source, unavailable_reason, vllm_lm
 
 
 @dataclass(frozen=True)
@@ -99,30 +101,47 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
         rows.append(_row(record, cached, f"ppl {dataset}", record["result"]["ppl"],
                          f"{record['result']['windows']} x {seqlen} tokens"))
 
+    keys, sources = {}, {}
     for task in protocol.tasks:
         reason = unavailable_reason(task, data_root, list(protocol.tasks_dirs))
         if reason:
             rows.append({"model": print_name, "measurement": f"zero-shot {task}", "value": None, "detail": reason,
                          "seconds": None, "status": "unavailable"})
             continue
-        source, digest = task_source(task, data_root, list(protocol.tasks_dirs))
-        key = {"task": task, "source": source, "yaml_sha256": digest, "limit": protocol.limit, "num_fewshot": 0,
-               "seed": protocol.seed, "dtype": dtype, "device": device.type,
-               **({"backend": protocol.backend} if protocol.backend != "hf" else {})}
-
-        def run_task(task=task):
-            return evaluate_task(zeroshot_lm(), task, data_root, protocol.limit, protocol.seed,
-                                 list(protocol.tasks_dirs))
-
-        try:
-            record, cached = store.measure(fp, "zeroshot", key, run_task, model=print_name,
-                                           complete=lambda result: "doc_margin" in result)
-        except BenchError as err:
-            if source.startswith("yaml:"):
-                raise
-            rows.append({"model": print_name, "measurement": f"zero-shot {task}", "value": None,
-                         "detail": f"unavailable: {err}", "seconds": None, "status": "unavailable"})
-            continue
+        sources[task], digest = task_source(task, data_root, list(protocol.tasks_dirs))
+        keys[task] = {"task": task, "source": sources[task], "yaml_sha256": digest, "limit": protocol.limit,
+                      "num_fewshot": 0, "seed": protocol.seed, "dtype": dtype, "device": device.type,
+                      **({"backend": protocol.backend} if protocol.backend != "hf" else {})}
+    stored = {task: store.get(fp, "zeroshot", key) for task, key in keys.items()}
+    missing = [task for task, record in stored.items() if record is None or "doc_margin" not in record["result"]]
+    records = {task: (record, True) for task, record in stored.items() if task not in missing}
+    if missing:
+        run = partial(evaluate_tasks, zeroshot_lm(), data_root=data_root, limit=protocol.limit, seed=protocol.seed,
+                      tasks_dirs=list(protocol.tasks_dirs))
+        started = time.perf_counter()
+        together = None
+        if len(missing) > 1:  # one lm-eval evaluation for every missing task of this model
+            try:
+                together = run(missing)
+            except BenchError:
+                pass  # one task at a time below, to tell which one fails
+        share = round((time.perf_counter() - started) / len(missing), 3)  # the evaluation's wall time, per task
+        for task in missing:
+            started = time.perf_counter()
+            if together is None:
+                try:
+                    result, seconds = run([task])[task], round(time.perf_counter() - started, 3)
+                except BenchError as err:
+                    if sources[task].startswith("yaml:"):
+                        raise  # a task file of the project's or the user's: its error is the user's to fix
+                    rows.append({"model": print_name, "measurement": f"zero-shot {task}", "value": None,
+                                 "detail": f"unavailable: {err}", "seconds": None, "status": "unavailable"})
+                    continue
+            else:
+                result, seconds = together[task], share
+            records[task] = (store.add(fp, "zeroshot", keys[task], result, wall_s=seconds, model=print_name), False)
+    for task in [task for task in keys if task in records]:
+        record, cached = records[task]
         result = record["result"]
         norm = f", acc_norm {result['acc_norm']:.4f}" if result.get("acc_norm") is not None else ""
         rows.append(_row(record, cached, f"zero-shot {task}", result["acc"],

@@ -153,28 +153,43 @@ def vllm_lm(path: str, dtype: str, seed: int = 0, max_length: int = 2048, kv_cac
                 enforce_eager=True, batch_size="auto")
 
 
-def evaluate_task(lm, task: str, data_root: Path | None, limit: int | None = None, seed: int = 0,
-                  tasks_dirs: list[Path] | None = None) -> dict:
-    """acc (and acc_norm where lm-eval's task defines it) of one task, zero-shot, with an lm-eval model."""
+def evaluate_tasks(lm, tasks: list[str], data_root: Path | None, limit: int | None = None, seed: int = 0,
+                   tasks_dirs: list[Path] | None = None) -> dict[str, dict]:
+    """acc (and acc_norm where lm-eval's task defines it) of each task, zero-shot, with an lm-eval model, in one
+    lm-eval evaluation: lm-eval's per-call work (its environment report runs pip and other commands, about 0.6 s
+    here; the task index) is paid once per model, not once per task. Each task is loaded once and scores its
+    own logged samples."""
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    defaults = task_source(task, data_root, tasks_dirs)[0] == "lm-eval (hub)"
+    defaults = any(task_source(task, data_root, tasks_dirs)[0] == "lm-eval (hub)" for task in tasks)
     with task_manager(data_root, tasks_dirs, defaults) as manager:
         try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                                          num_fewshot=0, bootstrap_iters=0, log_samples=True,
+            loaded = manager.load(list(tasks))["tasks"]
+            out = lm_eval.simple_evaluate(model=lm, tasks=[loaded[task] for task in tasks], task_manager=manager,
+                                          limit=limit, num_fewshot=0, bootstrap_iters=0, log_samples=True,
                                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
         except (OSError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BenchError(f"zero-shot task {task} could not run: {first}") from None
-        scores = out["results"][task]
-        samples = out.get("n-samples", {}).get(task, {})
-        # per-document correctness in document order: the report's standard errors and paired comparisons
-        logged = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
-        scorer = manager.load(task)["tasks"][task]  # the Task that scored the samples: its gold rule
-    return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"), "bos": lm.add_bos_token,
+            raise BenchError(f"zero-shot task{'s' * (len(tasks) > 1)} {', '.join(tasks)} could not run: "
+                             f"{first}") from None
+    return {task: _task_result(out, task, loaded[task], lm.add_bos_token) for task in tasks}
+
+
+def evaluate_task(lm, task: str, data_root: Path | None, limit: int | None = None, seed: int = 0,
+                  tasks_dirs: list[Path] | None = None) -> dict:
+    """One task's `evaluate_tasks` result."""
+    return evaluate_tasks(lm, [task], data_root, limit, seed, tasks_dirs)[task]
+
+
+def _task_result(out: dict, task: str, scorer, bos: bool) -> dict:
+    """One task's scores from an lm-eval result, with per-document correctness and gold margins in document order
+    (the report's standard errors and paired comparisons); `scorer`: the Task that scored the samples."""
+    scores = out["results"][task]
+    samples = out.get("n-samples", {}).get(task, {})
+    logged = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
+    return {"acc": scores.get("acc,none"), "acc_norm": scores.get("acc_norm,none"), "bos": bos,
             "docs": samples.get("effective"), "docs_total": samples.get("original"),
             "doc_ids": [sample["doc_id"] for sample in logged], "doc_acc": [sample["acc"] for sample in logged],
             "doc_margin": [gold_margin(scorer, sample) for sample in logged]}

@@ -38,6 +38,30 @@ def test_eval_prints_a_table_and_a_rerun_measures_nothing(cli, tiny_model_dirs, 
     assert store.read_text() == first
 
 
+def test_a_task_failing_in_the_shared_evaluation_is_isolated(cli, tiny_model_dirs, data_root, tmp_path, monkeypatch):
+    """A model's missing tasks run in one lm-eval evaluation; when it fails, each task runs alone, so the error
+    names the task that cannot run and what ran before it is stored (a shipped task's error stops the run)."""
+    import fasp_bench.evaluation as evaluation
+    from fasp_bench.errors import BenchError
+
+    real, calls = evaluation.evaluate_tasks, []
+
+    def piqa_fails(lm, tasks, **kwargs):
+        calls.append(list(tasks))
+        if "piqa" in tasks:
+            raise BenchError("zero-shot task piqa could not run: simulated")
+        return real(lm, tasks, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_tasks", piqa_fails)
+    code, out, err = cli("eval", tiny_model_dirs["opt"], "--ppl", "none", "--zeroshot", "arc_easy,piqa,winogrande",
+                         "--limit", "2", "--run-dir", tmp_path, data=data_root)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "fasp-bench: error: zero-shot task piqa could not run: simulated"
+    assert calls == [["arc_easy", "piqa", "winogrande"], ["arc_easy"], ["piqa"]]
+    stored = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["protocol"]["task"] for r in stored] == ["arc_easy"] and len(stored[0]["result"]["doc_acc"]) == 2
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

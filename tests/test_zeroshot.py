@@ -11,6 +11,7 @@ from fasp_bench.zeroshot import (
     ALL_TASKS,
     TASKS_DIR,
     evaluate_task,
+    evaluate_tasks,
     hf_lm,
     resolve_tasks,
     task_manager,
@@ -126,6 +127,23 @@ def test_each_task_scores_a_tiny_model(data_root, tiny_model_dirs, monkeypatch, 
     options = sum(len(record.get("choices") or record["context_options"]) for record in first)
     assert len(scored) == options
     assert all(math.isfinite(ll) and ll < 0 for ll, _ in scored)
+
+
+def test_tasks_evaluated_together_score_as_each_alone(data_root, tiny_model_dirs):
+    """One lm-eval evaluation of several tasks (their requests batched together) decides and scores every
+    document as evaluating each task on its own does (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model_dirs["llama-gqa"]
+    lm = hf_lm(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), batch_size=4)
+    tasks = ["arc_easy", "piqa", "winogrande"]
+    together = evaluate_tasks(lm, tasks, data_root, limit=6)
+    assert list(together) == tasks
+    for task in tasks:
+        alone = evaluate_task(lm, task, data_root, limit=6)
+        assert together[task]["doc_ids"] == alone["doc_ids"] == list(range(6))
+        assert together[task]["doc_acc"] == alone["doc_acc"] and together[task]["acc"] == alone["acc"]
+        assert together[task]["doc_margin"] == pytest.approx(alone["doc_margin"], abs=1e-4)
 
 
 def test_a_dropped_in_yaml_is_a_new_task(data_root, tiny_model_dirs, tmp_path):
