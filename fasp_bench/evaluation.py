@@ -115,31 +115,30 @@ def evaluate(spec: str, store: ResultsStore, protocol: EvalProtocol, data_root: 
     stored = {task: store.get(fp, "zeroshot", key) for task, key in keys.items()}
     missing = [task for task, record in stored.items() if record is None or "doc_margin" not in record["result"]]
     records = {task: (record, True) for task, record in stored.items() if task not in missing}
-    if missing:
-        run = partial(evaluate_tasks, zeroshot_lm(), data_root=data_root, limit=protocol.limit, seed=protocol.seed,
-                      tasks_dirs=list(protocol.tasks_dirs))
+    run = partial(evaluate_tasks, data_root=data_root, limit=protocol.limit, seed=protocol.seed,
+                  tasks_dirs=list(protocol.tasks_dirs))
+    if len(missing) > 1:  # one lm-eval evaluation for every missing task of this model
         started = time.perf_counter()
-        together = None
-        if len(missing) > 1:  # one lm-eval evaluation for every missing task of this model
-            try:
-                together = run(missing)
-            except BenchError:
-                pass  # one task at a time below, to tell which one fails
-        share = round((time.perf_counter() - started) / len(missing), 3)  # the evaluation's wall time, per task
-        for task in missing:
-            started = time.perf_counter()
-            if together is None:
-                try:
-                    result, seconds = run([task])[task], round(time.perf_counter() - started, 3)
-                except BenchError as err:
-                    if sources[task].startswith("yaml:"):
-                        raise  # a task file of the project's or the user's: its error is the user's to fix
-                    rows.append({"model": print_name, "measurement": f"zero-shot {task}", "value": None,
-                                 "detail": f"unavailable: {err}", "seconds": None, "status": "unavailable"})
-                    continue
-            else:
-                result, seconds = together[task], share
-            records[task] = (store.add(fp, "zeroshot", keys[task], result, wall_s=seconds, model=print_name), False)
+        try:
+            together = run(zeroshot_lm(), missing)
+        except BenchError:
+            pass  # one task at a time below, to tell which one fails
+        else:
+            share = round((time.perf_counter() - started) / len(missing), 3)  # the evaluation's wall time, per task
+            for task in missing:
+                records[task] = (store.add(fp, "zeroshot", keys[task], together[task], wall_s=share,
+                                           model=print_name), False)
+            missing = []
+    for task in missing:
+        try:
+            records[task] = store.measure(fp, "zeroshot", keys[task],
+                                          lambda task=task: run(zeroshot_lm(), [task])[task],
+                                          model=print_name, complete=lambda result: "doc_margin" in result)
+        except BenchError as err:
+            if sources[task].startswith("yaml:"):
+                raise  # a task file of the project's or the user's: its error is the user's to fix
+            rows.append({"model": print_name, "measurement": f"zero-shot {task}", "value": None,
+                         "detail": f"unavailable: {err}", "seconds": None, "status": "unavailable"})
     for task in [task for task in keys if task in records]:
         record, cached = records[task]
         result = record["result"]

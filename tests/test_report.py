@@ -197,8 +197,9 @@ def test_sweep_table_gives_limit_and_share_from_the_stored_bounds(tmp_path):
 
 
 def test_engine_perplexity_on_fewer_windows_is_compared_with_the_same_windows_of_transformers(tmp_path):
-    """The quick profile scores the first few of its 24 windows inside vLLM (8 here): transformers' figure beside it
-    must be its perplexity over those windows, not over all 24 (which would flag a sound checkpoint, or pass a broken one)."""
+    """The quick profile scores the first few of its 24 windows inside vLLM (8 here): transformers' figure beside
+    it must be its perplexity over those windows, not over all 24 (which would flag a sound checkpoint, or pass a
+    broken one)."""
     from fasp_bench.report import engine_ppl_table
 
     nll = [2.0 + 0.1 * i for i in range(24)]  # later windows are harder: the 8-window and 24-window ppl differ
