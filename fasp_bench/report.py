@@ -20,7 +20,7 @@ import pandas as pd
 from . import stats
 from .errors import BenchError
 from .plots import PLOTS, plot_all, plot_recovery, plot_sweep, plot_widths
-from .serving.bench import ENGINE_PPL_TOLERANCE, ServeProtocol, point_kind, ppl_gap
+from .serving.bench import ENGINE_PPL_TOLERANCE, OTHER_CPU_LIMIT, ServeProtocol, point_kind, ppl_gap
 from .serving.roofline import share
 from .store import ResultsStore
 
@@ -177,7 +177,8 @@ def sweep_table(records: list[dict], models: list[dict], points: list[dict]) -> 
                          "input_len": point["input_len"], "output_len": point["output_len"],
                          "tok/s": pd.Series(runs).median() if runs else None,
                          "tok/s min": min(runs) if runs else None, "tok/s max": max(runs) if runs else None,
-                         "bound": roof.get("bound"), "error": result.get("error")})
+                         "bound": roof.get("bound"), "other cpu": result.get("other_cpu"),
+                         "error": result.get("error")})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -568,6 +569,7 @@ def write_report(results: str | Path, out: str | Path, header: str | None = None
         _markdown(_human_serving(table), {"Output tok/s (median)": 1, "TTFT (ms)": 1, "Weights (MB)": 1,
                                            "Dense / model weights": 3, "KV-cache tokens": 0,
                                            "KV capacity vs dense": 3, "Peak RSS (MB)": 0}), "",
+        *disturbed_section(sweep),
         *_sweep_section(sweep),
         "## What pruning buys in memory", "", _memory_summary(table), "",
         *_kv_section(kv_table(records, run), plan),
@@ -629,6 +631,22 @@ def step_overhead(sweep: pd.DataFrame) -> pd.DataFrame:
                      "effective GB/s": (1 / slope / 1e9) if slope > 0 else None,
                      "share the overhead allows": 1 - overhead / dense_step})
     return pd.DataFrame(rows)
+
+
+def disturbed_section(sweep: pd.DataFrame) -> list[str]:
+    """The serving points measured while other programs kept more than OTHER_CPU_LIMIT of the CPUs busy (stored
+    per point; records from before the check hold none and are not judged)."""
+    if sweep.empty:
+        return []
+    other = pd.to_numeric(sweep["other cpu"], errors="coerce")
+    hit = sweep[other > OTHER_CPU_LIMIT]
+    if hit.empty:
+        return []
+    points = ", ".join(f"{r['model']} at {r['batch']}x{r['input_len']}x{r['output_len']} ({r['other cpu']:.0%})"
+                       for _, r in hit.iterrows())
+    return [f"**Disturbed:** other programs kept more than {OTHER_CPU_LIMIT:.0%} of the CPUs busy while these "
+            f"were measured, so their throughput is low and a speed-up against them is not to be trusted: {points}. "
+            "Measure them again on an idle machine (`fasp-bench run ... --remeasure-serving`).", ""]
 
 
 def _sweep_section(sweep: pd.DataFrame) -> list[str]:

@@ -163,7 +163,9 @@ def test_sweep_table_gives_limit_and_share_from_the_stored_bounds(tmp_path):
     models = []
     for label, (decode, bound, prompt, flops) in served.items():
         roof = {"kv_bytes_per_token": bound // 10, "kv_bytes_per_token_padded_v": 100}
+        # "small" was measured while another program took 35% of the CPUs; the rest on an idle machine
         store.add(label, "serving", point, {"output_tok_s_runs": decode, "kv_cache_tokens": 4096 * 10,
+                                            "other_cpu": 0.35 if label == "small" else 0.01,
                                             "roofline": {**roof, "kind": "decode", "bound": bound}})
         store.add(label, "serving", prefill, {"output_tok_s_runs": [1, 1, 1], "prompt_tok_s_runs": prompt,
                                               "roofline": {**roof, "kind": "prefill", "bound": flops}})
@@ -189,6 +191,9 @@ def test_sweep_table_gives_limit_and_share_from_the_stored_bounds(tmp_path):
     assert rows[("same", "decode, batch 8, 64 in / 32 out")][-1] == "-"  # share undefined, never a number
     assert rows[("dense", "decode, batch 8, 64 in / 32 out")][-1] == "-"
     assert rows[("small", "prefill, batch 8, 64 in / 1 out")][-2:] == ["2.000x", "0.20"]
+    disturbed = text.split("**Disturbed:**")[1].split("\n")[0]
+    assert "small at 8x64x32 (35%)" in disturbed and "dense" not in disturbed and "same" not in disturbed
+    assert "small at 8x64x1" not in disturbed  # its prefill record holds no share: not judged
     kv = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
           for line in text.split("KV cache at the fixed budget of 1 GiB")[1].split("## Plots")[0].splitlines()
           if line.startswith("| ") and not line.startswith("| model")}

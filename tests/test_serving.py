@@ -228,10 +228,15 @@ def test_sweep_points_are_stored_with_their_bounds_and_reused(served_checkpoints
 
     def fresh_measuring(path, protocol, timeout_s, points, ppl):
         asked.append((path, [(p.prompts, p.input_len, p.output_len) for p in points]))
-        return {"points": [{"output_tok_s": 1.0, "output_tok_s_runs": [1.0]} for _ in points]}
+        # the dense engine's repeats shared the machine with another program: the run says so, naming it
+        other = 0.5 if path == dense else 0.02
+        return {"points": [{"output_tok_s": 1.0, "output_tok_s_runs": [1.0], "other_cpu": other} for _ in points]}
 
     monkeypatch.setattr(bench, "measure_in_subprocess", fresh_measuring)
-    assert cli(*args, "--remeasure")[0] == 0
+    code, _, err = cli(*args, "--remeasure")
+    assert code == 0
+    warnings = [line for line in err.splitlines() if "other programs kept" in line]
+    assert len(warnings) == 3 and all("50%" in line and dense in line for line in warnings)
     assert [path for path, _ in asked] == [dense, fasp]
     assert all(sorted(points) == [(1, 16, 8), (2, 32, 1), (3, 16, 8)] for _, points in asked)
     assert len(ResultsStore(store.path).records()) == 6  # superseded, keyed as before
@@ -264,3 +269,54 @@ def test_pruned_real_model_serves_like_transformers(tmp_path, data_root, name, a
     assert "error" not in served, served["error"]
     assert served["architecture"] == architecture and served["bos"] == (bos_id(tokenizer) is not None)
     assert served["tokens"] == transformers_greedy(tmp_path / "fasp", protocol)
+
+
+def test_other_cpu_counts_other_programs_and_not_the_measuring_tree():
+    """The share of the CPUs that programs outside the measuring process's tree took during a window, against an
+    independent count: the CPU time every other process accumulated over the same window (psutil per process).
+    The measuring process spins too, and must not count; the other program is reparented away from this tree."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from fasp_bench.serving.measure import OtherCPU
+
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 30: pass"
+    started = subprocess.run(["sh", "-c", f'{sys.executable} -c "{spin}" >/dev/null 2>&1 & echo $!'],
+                             capture_output=True, text=True, check=True)
+    other = int(started.stdout.strip())  # its shell exited: the spinner is no child of this process
+    try:
+        time.sleep(0.5)
+        me = psutil.Process()
+        assert other not in {p.pid for p in me.children(recursive=True)}
+        ours = {me.pid} | {p.pid for p in me.children(recursive=True)}
+
+        def others() -> dict[int, float]:
+            times = {}
+            for proc in psutil.process_iter():
+                if proc.pid in ours:
+                    continue
+                try:
+                    t = proc.cpu_times()
+                    times[proc.pid] = t.user + t.system
+                except psutil.Error:
+                    continue
+            return times
+
+        window = OtherCPU()
+        before, t0 = others(), time.perf_counter()
+        window.start()
+        while time.perf_counter() - t0 < 2.0:  # the measuring process busy the whole window
+            pass
+        share = window.share()
+        after, wall = others(), time.perf_counter() - t0
+        cpus = len(os.sched_getaffinity(0))
+        oracle = sum(after[p] - before[p] for p in after.keys() & before.keys()) / (wall * cpus)
+        spinner = (after[other] - before[other]) / (wall * cpus)
+        assert spinner > 0.15  # it ran (a third of two cores even beside two more busy processes)
+        assert share == pytest.approx(oracle, abs=0.08)
+    finally:
+        os.kill(other, signal.SIGKILL)

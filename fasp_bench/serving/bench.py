@@ -27,6 +27,10 @@ from ..store import ResultsStore
 from .measure import RESULT_TAG
 from .roofline import DTYPE_BYTES, ServingCost, serving_cost
 
+# Above this share of the CPUs taken by other programs during a measurement's timed repeats, the run warns and the
+# report marks the point: on two cores, a tenth is a fifth of a core, more than the repeats' usual spread.
+OTHER_CPU_LIMIT = 0.10
+
 _ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?(\w+(?:Error|Exception)): (.+)$")
 
 
@@ -297,6 +301,10 @@ def serve_models(specs: list[str], store: ResultsStore, protocol: ServeProtocol,
                 if "points" in measured:
                     result.update(measured["points"][j], roofline=_roofline(cost, point))
                 store.add(fp, "serving", asdict(point), result, model=name)
+                if result.get("other_cpu", 0.0) > OTHER_CPU_LIMIT:
+                    print(f"fasp-bench: warning: other programs kept {result['other_cpu']:.0%} of the CPUs busy while "
+                          f"{name} was measured at {point.prompts}x{point.input_len}x{point.output_len}: measure "
+                          "again on an idle machine (run --remeasure-serving, serve --remeasure)", file=sys.stderr)
                 results[point] = {**result, "status": "failed" if "error" in result else "measured"}
             for p in unscored:
                 nll = (measured.get("ppl") or {}).get(p.key["dataset"])

@@ -34,6 +34,42 @@ def _peak_rss_bytes() -> int:
     return peak
 
 
+class OtherCPU:
+    """The share of this process's CPUs that processes outside its tree kept busy between `start()` and
+    `share()`: the machine's busy time on those CPUs (/proc/stat, steal included) less this tree's own CPU time,
+    over wall time x CPUs. A timing is only as good as the machine was idle: 0.3 on two cores means another
+    program took about 0.6 of a core from the engine."""
+
+    def __init__(self) -> None:
+        self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+    def _clock(self) -> tuple[float, float, float]:
+        import psutil
+
+        per_cpu = psutil.cpu_times(percpu=True)
+        cpus = self._cpus if self._cpus is not None else range(len(per_cpu))
+        busy = sum(per_cpu[c].user + per_cpu[c].nice + per_cpu[c].system + getattr(per_cpu[c], "irq", 0.0)
+                   + getattr(per_cpu[c], "softirq", 0.0) + getattr(per_cpu[c], "steal", 0.0)
+                   for c in cpus if c < len(per_cpu))
+        me = psutil.Process()
+        own = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:  # a child that ended in between
+                continue
+            own += t.user + t.system + (t.children_user + t.children_system if proc is me else 0.0)
+        return time.perf_counter(), busy, own
+
+    def start(self) -> None:
+        self._start = self._clock()
+
+    def share(self) -> float:
+        (t0, busy0, own0), (t1, busy1, own1) = self._start, self._clock()
+        cpus = len(self._cpus) if self._cpus is not None else os.cpu_count() or 1
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max((t1 - t0) * cpus, 1e-9)
+
+
 def prompt_token_ids(vocab_size: int, prompts: int, input_len: int, seed: int, bos: int | None = None,
                      ) -> list[list[int]]:
     """Seeded random token prompts, the same for every model that shares the vocabulary; a model trained with
@@ -151,6 +187,8 @@ def _measure_point(llm, vocab: int, bos: int | None, prompts: int, input_len: in
     llm.generate(batch, SamplingParams(temperature=0, max_tokens=min(output_len, 2), ignore_eos=True), use_tqdm=False)
     runs, ttft = [], []
     outputs = None
+    other = OtherCPU()
+    other.start()
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
         llm.generate(batch[:1], first, use_tqdm=False)
@@ -169,6 +207,7 @@ def _measure_point(llm, vocab: int, bos: int | None, prompts: int, input_len: in
         "total_tok_s": (generated + prompt_tokens) / statistics.median(runs),
         "ttft_s": statistics.median(ttft),
         "generated_tokens": generated,
+        "other_cpu": other.share(),  # over the timed repeats: what other programs took from this measurement
     }
     if spec.get("return_tokens"):
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
