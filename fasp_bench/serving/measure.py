@@ -18,13 +18,18 @@ from pathlib import Path
 RESULT_TAG = "FASP_BENCH_RESULT "
 
 
-def _peak_rss_bytes() -> int:
-    """Largest VmHWM over this process and its descendants (with a separate engine, its worker holds the model)."""
+def _process_tree() -> list:
+    """This process and its descendants (with a separate engine, its core and workers), as psutil processes."""
     import psutil
 
     me = psutil.Process()
+    return [me, *me.children(recursive=True)]
+
+
+def _peak_rss_bytes() -> int:
+    """Largest VmHWM over this process and its descendants (with a separate engine, its worker holds the model)."""
     peak = 0
-    for proc in [me, *me.children(recursive=True)]:
+    for proc in _process_tree():
         try:
             for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -41,24 +46,24 @@ class OtherCPU:
     program took about 0.6 of a core from the engine."""
 
     def __init__(self) -> None:
-        self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self._cpus = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else list(range(os.cpu_count() or 1)))
 
     def _clock(self) -> tuple[float, float, float]:
         import psutil
 
         per_cpu = psutil.cpu_times(percpu=True)
-        cpus = self._cpus if self._cpus is not None else range(len(per_cpu))
         busy = sum(per_cpu[c].user + per_cpu[c].nice + per_cpu[c].system + getattr(per_cpu[c], "irq", 0.0)
                    + getattr(per_cpu[c], "softirq", 0.0) + getattr(per_cpu[c], "steal", 0.0)
-                   for c in cpus if c < len(per_cpu))
-        me = psutil.Process()
+                   for c in self._cpus if c < len(per_cpu))
+        tree = _process_tree()
         own = 0.0
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in tree:
             try:
                 t = proc.cpu_times()
             except psutil.Error:  # a child that ended in between
                 continue
-            own += t.user + t.system + (t.children_user + t.children_system if proc is me else 0.0)
+            own += t.user + t.system + (t.children_user + t.children_system if proc is tree[0] else 0.0)
         return time.perf_counter(), busy, own
 
     def start(self) -> None:
@@ -66,8 +71,7 @@ class OtherCPU:
 
     def share(self) -> float:
         (t0, busy0, own0), (t1, busy1, own1) = self._start, self._clock()
-        cpus = len(self._cpus) if self._cpus is not None else os.cpu_count() or 1
-        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max((t1 - t0) * cpus, 1e-9)
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max((t1 - t0) * len(self._cpus), 1e-9)
 
 
 def prompt_token_ids(vocab_size: int, prompts: int, input_len: int, seed: int, bos: int | None = None,
