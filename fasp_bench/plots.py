@@ -117,21 +117,40 @@ def plot_recovery(table: pd.DataFrame, out: Path) -> list[str]:
     return [RECOVERY_PLOT]
 
 
-def plot_sweep(sweep: pd.DataFrame, out: Path) -> list[str]:
-    """Decode speed-up against batch size, one line per pruned model, each with its limit dashed in its colour."""
-    decode = sweep[(sweep["kind"] == "decode") & (sweep["method"] != "dense")] if not sweep.empty else sweep
-    if decode.empty or decode["batch"].nunique() < 2:
+def sweep_lines(sweep: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """The decode curves of a sweep: one per (pruned model, input and output lengths) that was measured at two
+    or more batch sizes, its rows by batch size. A point at other lengths (the protocol's own serving point
+    beside a sweep) starts no curve of its own and never joins one: its speed-up is not on the same axis."""
+    if sweep.empty:
         return []
+    decode = sweep[(sweep["kind"] == "decode") & (sweep["method"] != "dense")]
+    lines = []
+    for (model, input_len, output_len), rows in decode.groupby(["model", "input_len", "output_len"], sort=False):
+        if rows["batch"].nunique() >= 2:
+            lines.append((model, f"{input_len} in, {output_len} out", rows.sort_values("batch")))
+    return lines
+
+
+def plot_sweep(sweep: pd.DataFrame, out: Path) -> list[str]:
+    """Decode speed-up against batch size, one line per pruned model and length pair, each with its limit dashed
+    in its colour."""
+    lines = sweep_lines(sweep)
+    if not lines:
+        return []
+    all_lengths = list(dict.fromkeys(lengths for _, lengths, _ in lines))
+    several_lengths = len(all_lengths) > 1
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for model in dict.fromkeys(decode["model"]):
-        rows = decode[decode["model"] == model].sort_values("batch")
+    colours: dict[str, str] = {}
+    for model, lengths, rows in lines:
         errors = _errors(rows, "speedup", "speedup low", "speedup high")
-        line = ax.errorbar(rows["batch"], rows["speedup"], yerr=errors, capsize=3, marker="o", label=model)
-        ax.plot(rows["batch"], rows["limit"], linestyle="--", color=line[0].get_color(), linewidth=1)
+        line = ax.errorbar(rows["batch"], rows["speedup"], yerr=errors, capsize=3, marker="o",
+                           color=colours.get(model), label=f"{model} ({lengths})" if several_lengths else model)
+        colours[model] = line[0].get_color()
+        ax.plot(rows["batch"], rows["limit"], linestyle="--", color=colours[model], linewidth=1)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xscale("log", base=2)
-    ax.set(title="decode speed-up over dense (dashed: memory-bound limit)", xlabel="batch size (sequences)",
-           ylabel="output tok/s over dense")
+    ax.set(title="decode speed-up over dense" + ("" if several_lengths else f", {all_lengths[0]}")
+           + "\n(dashed: memory-bound limit)", xlabel="batch size (sequences)", ylabel="output tok/s over dense")
     ax.legend(fontsize=7)
     _save(fig, out / SWEEP_PLOT)
     return [SWEEP_PLOT]

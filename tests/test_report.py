@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fasp_bench.plots import SWEEP_PLOT, plot_sweep, sweep_lines
 from fasp_bench.report import PLOTS, model_table, paired_table, sweep_table, width_table, write_report
 from fasp_bench.store import ResultsStore
 
@@ -433,3 +434,20 @@ def test_compare_as_the_readme_shows_then_a_rerun_recomputes_nothing(servable_mo
     assert again[: len(records)] == records and [r["metric"] for r in again[len(records):]] == ["run"]
     assert (checkpoint / "model.safetensors.index.json").stat().st_mtime_ns == stamp
     assert (reports / "README.md").is_file() and all((reports / plot).is_file() for plot in PLOTS)
+
+
+def test_sweep_plot_joins_only_points_of_the_same_lengths(tmp_path):
+    # the sweep's decode points at 64 in / 256 out beside the protocol's own point (16 x 128 in x 64 out) and a prefill
+    points = [("decode", 1, 64, 256), ("decode", 8, 64, 256), ("decode", 32, 64, 256), ("decode", 16, 128, 64),
+              ("prefill", 8, 1024, 1)]
+    sweep = pd.DataFrame([{"model": m, "method": "dense" if m == "dense" else "fasp", "kind": kind, "batch": batch,
+                           "input_len": i, "output_len": o, "speedup": 1.1, "limit": 1.2}
+                          for m in ("dense", "a", "b") for kind, batch, i, o in points])
+    lines = sweep_lines(sweep)
+    assert [(model, lengths) for model, lengths, _ in lines] == [("a", "64 in, 256 out"), ("b", "64 in, 256 out")]
+    assert all(rows["batch"].tolist() == [1, 8, 32] for _, _, rows in lines)
+    assert plot_sweep(sweep, tmp_path) == [SWEEP_PLOT] and (tmp_path / SWEEP_PLOT).is_file()
+    # one decode point per length pair (two batch sizes, but at different lengths): no curve, no plot
+    single = sweep[sweep["batch"].isin([8, 16])]
+    assert sweep_lines(single) == [] and plot_sweep(single, tmp_path / "none") == []
+    assert not (tmp_path / "none" / SWEEP_PLOT).exists()
