@@ -159,6 +159,33 @@ def width_table(plan: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
 
 
+def width_search_table(plan: dict) -> pd.DataFrame:
+    """Per model pruned with searched widths: the KL to dense of the two start plans and of the plan found (the
+    search's stitched models, on its calibration-side selection tokens), and its seconds and evaluations."""
+    rows = []
+    for model in plan["models"]:
+        search = model.get("width_search")
+        if not search:
+            continue
+        start_kl = search["start_kl"]
+        rows.append({"Model": model["label"], "KL, uniform start": start_kl.get("uniform"),
+                     "KL, adaptive start": start_kl.get("adaptive"), "Start": search["start"],
+                     "KL, found": search["best_kl"], "Evaluations": search["evaluations"],
+                     "Tokens per step": "/".join(map(str, search["selection_tokens"])),
+                     "Database (s)": search["seconds"]["database"], "Search (s)": search["seconds"]["search"]})
+    return pd.DataFrame(rows)
+
+
+def _width_search_section(table: pd.DataFrame) -> list[str]:
+    if table.empty:
+        return []
+    return ["## Width search", "",
+            "KL(dense || model) per token of the next-token distributions, on the search's calibration-side "
+            "selection tokens (its last step), for the stitched models it compares: the better start plan is the "
+            "parent of the first generation. The final checkpoint is the found plan cut by the sequential pass.", "",
+            _markdown(table, {"Database (s)": 0, "Search (s)": 0}), ""]
+
+
 def sweep_table(records: list[dict], models: list[dict], points: list[dict]) -> pd.DataFrame:
     """One row per (model, serving point), `models` as a run record lists them (dense first): throughput (decode:
     output tok/s; prefill: prompt tok/s) with its range, the speed-up over dense at the same point with its range,
@@ -573,6 +600,7 @@ def write_report(results: str | Path, out: str | Path, header: str | None = None
         *_sweep_section(sweep),
         "## What pruning buys in memory", "", _memory_summary(table), "",
         *_kv_section(kv_table(records, run), plan),
+        *_width_search_section(width_search_table(plan)),
         *_engine_ppl_section(engine_ppl_table(records, run)),
         "## Plots", "",
         *(f"![{name[:-4]}]({name})" for name in plots), "",

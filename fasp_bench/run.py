@@ -370,9 +370,12 @@ def _prune(job: PruneJob, spec: str, work_dir: Path, store_path: Path, dense_fp:
             "sparsity_realised": meta["sparsity_realised"], "model_sparsity_realised": meta["model_sparsity_realised"],
             "params_before": meta["total_params"]["before"], "params": meta["total_params"]["after"],
             "prune_seconds": meta["prune_seconds"], "device": meta["device"], "dtype": meta["dtype"],
-            "widths": meta["layers"], "dense_widths": meta.get("dense_layers")}, model=label)
+            "widths": meta["layers"], "dense_widths": meta.get("dense_layers"),
+            # the search's own account (start plans' KL, best KL, trace, seconds): checkpoints come and go, the
+            # store stays
+            **({"width_search": meta["width_search"]} if meta.get("width_search") else {})}, model=label)
     r = record["result"]
     return {"label": label, "method": spec, "sparsity": job.sparsity, "fingerprint": r["checkpoint_fingerprint"],
             "path": str(out), **{k: r[k] for k in ("params", "params_before", "sparsity_realised",
                                                    "model_sparsity_realised", "prune_seconds")},
-            **{k: r[k] for k in ("widths", "dense_widths") if r.get(k)}}
+            **{k: r[k] for k in ("widths", "dense_widths", "width_search") if r.get(k)}}

@@ -3,6 +3,7 @@ weights), the fitness is the KL an independent forward pass gives, a layer that 
 search reads calibration windows only."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -131,3 +132,26 @@ def test_the_search_reads_calibration_windows_only(tiny_model_dirs, data_root, t
     recorded = json.loads((out / "pruning.json").read_text())
     assert recorded["width_search"]["selection_tokens"] == [32, 64]
     assert recorded["method_options"]["widths"] == "search"
+
+
+def test_the_store_keeps_the_search_record_and_the_report_renders_it(tiny_model_dirs, data_root, tmp_path, cli):
+    method = "fasp-plus:widths=search,generations=1,offspring=2,selection_tokens=32/64"
+    code, _, err = cli("run", "--model", tiny_model_dirs["llama-gqa"], "--methods", method, "--sparsities", "0.2",
+                       "--profile", "minimal", "--nsamples", "4", "--no-serve", "--ppl", "none", "--zeroshot", "none",
+                       "--dtype", "float32", "--device", "cpu", "--work-dir", tmp_path / "w", "--out", tmp_path / "r",
+                       data=data_root)
+    assert code == 0, err
+    (checkpoint,) = (tmp_path / "w" / "checkpoints").iterdir()
+    recorded = json.loads((checkpoint / "pruning.json").read_text())["width_search"]
+    store = tmp_path / "w" / "results.jsonl"
+    (prune,) = [r for r in map(json.loads, store.read_text().splitlines()) if r["metric"] == "prune"]
+    assert prune["result"]["width_search"] == recorded
+    # rebuilt from the store alone, with the checkpoint gone, the page still gives the start plans' KL
+    shutil.rmtree(checkpoint)
+    code, _, err = cli("report", "--results", store, "--out", tmp_path / "rebuilt")
+    assert code == 0, err
+    section = (tmp_path / "rebuilt" / "README.md").read_text().split("## Width search")[1].split("## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith(f"| {prune['model']} "))
+    for kl in (recorded["start_kl"]["uniform"], recorded["start_kl"]["adaptive"], recorded["best_kl"]):
+        assert f" {kl:.4g} " in row
+    assert f" {recorded['start']} " in row and recorded["best_kl"] <= min(recorded["start_kl"].values())
