@@ -135,7 +135,8 @@ def test_the_search_reads_calibration_windows_only(tiny_model_dirs, data_root, t
 
 
 def test_the_store_keeps_the_search_record_and_the_report_renders_it(tiny_model_dirs, data_root, tmp_path, cli):
-    method = "fasp-plus:widths=search,generations=1,offspring=2,selection_tokens=32/64"
+    # generations=0: the search only picks the better start plan (README)
+    method = "fasp-plus:widths=search,generations=0,selection_tokens=32/64"
     code, _, err = cli("run", "--model", tiny_model_dirs["llama-gqa"], "--methods", method, "--sparsities", "0.2",
                        "--profile", "minimal", "--nsamples", "4", "--no-serve", "--ppl", "none", "--zeroshot", "none",
                        "--dtype", "float32", "--device", "cpu", "--work-dir", tmp_path / "w", "--out", tmp_path / "r",
@@ -154,4 +155,5 @@ def test_the_store_keeps_the_search_record_and_the_report_renders_it(tiny_model_
     row = next(line for line in section.splitlines() if line.startswith(f"| {prune['model']} "))
     for kl in (recorded["start_kl"]["uniform"], recorded["start_kl"]["adaptive"], recorded["best_kl"]):
         assert f" {kl:.4g} " in row
-    assert f" {recorded['start']} " in row and recorded["best_kl"] <= min(recorded["start_kl"].values())
+    assert f" {recorded['start']} " in row and recorded["trace"] == []
+    assert recorded["best_kl"] == recorded["start_kl"][recorded["start"]] == min(recorded["start_kl"].values())
