@@ -320,3 +320,51 @@ def test_other_cpu_counts_other_programs_and_not_the_measuring_tree():
         assert share == pytest.approx(oracle, abs=0.08)
     finally:
         os.kill(other, signal.SIGKILL)
+
+
+def _gqa_attention(query, key, value, heads: int, kv_heads: int):
+    """Causal grouped-query attention over [tokens, heads * width] tensors; K and V widths may differ."""
+    q, k, v = (t.unflatten(-1, (n, -1)).transpose(0, 1) for t, n in ((query, heads), (key, kv_heads),
+                                                                    (value, kv_heads)))
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).flatten(-2)
+
+
+def test_native_v_attention_computes_what_narrow_v_attention_does():
+    """The GPU path: V cut to the model's widest V (below the head size) before attending, the output padded
+    back, o_proj keeping each head's own V width, equals attention over the layer's own narrow V."""
+    from fasp_bench.serving.vllm_pruned import NarrowVAttention
+
+    heads, kv_heads, hd, dv, widest, tokens = 4, 2, 16, 5, 9, 7
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(tokens, heads * hd, generator=g), torch.randn(tokens, kv_heads * hd, generator=g)
+    v = torch.randn(tokens, kv_heads, dv, generator=g)
+    padded = torch.nn.functional.pad(v, (0, hd - dv)).flatten(-2)  # as PaddedVQKVLinear hands it over
+    calls = []
+
+    def inner(query, key, value):
+        calls.append(value.shape)
+        return _gqa_attention(query, key, value, heads, kv_heads)
+
+    out = NarrowVAttention(inner, hd, widest)(q, k, padded)
+    assert calls == [torch.Size([tokens, kv_heads * widest])]  # the engine attends and caches at `widest`
+    own = out.unflatten(-1, (heads, hd))[..., :dv].flatten(-2)  # what NarrowVRowLinear passes on
+    torch.testing.assert_close(own, _gqa_attention(q, k, v.flatten(-2), heads, kv_heads))
+    assert not out.unflatten(-1, (heads, hd))[..., widest:].any()
+
+
+def test_native_v_width_is_the_widest_v_on_a_gpu_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from fasp_bench.serving.vllm_pruned import native_v_width
+
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=4, head_dim=16,
+                             v_head_dims=[9, 5, 16], kv_heads=[2, 2, 0])  # the 16 is a layer with no heads
+    assert native_v_width(config, cuda=True) == 9
+    assert native_v_width(config, cuda=False) is None  # vLLM's CPU attention: one width for K and V
+    monkeypatch.setenv("FASP_BENCH_PAD_V", "1")
+    assert native_v_width(config, cuda=True) is None
+    monkeypatch.delenv("FASP_BENCH_PAD_V")
+    config.v_head_dims = [9, 16, 16]
+    config.kv_heads = [2, 2, 0]
+    assert native_v_width(config, cuda=True) is None  # one layer keeps V whole: nothing to save

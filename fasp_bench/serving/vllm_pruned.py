@@ -6,7 +6,10 @@ attention (KV cache included) itself. Each layer is then fitted to what the chec
 
 - V narrower than Q/K: `qkv_proj` loads the narrow V rows and pads each V head back to the head size on
   its output, and `o_proj` keeps each head's first `dv` inputs, so the family's attention code runs as
-  is (the weights are narrow; the KV cache holds padded V, so FASP's V saving is not realised in it);
+  is. On a CPU the KV cache then holds padded V (vLLM's CPU attention stores K and V at one width), so
+  FASP's V saving is not realised in it. On a CUDA GPU the attention is rebuilt on vLLM's different-K/V-width
+  backend (`TRITON_ATTN_DIFFKV`) at the model's widest V, so the cache and the attention work shrink with V
+  (`NarrowVAttention`; `FASP_BENCH_PAD_V=1` keeps the padded path, to measure what it costs);
 - output biases a method added (FLAP's compensation): o_proj / down_proj get a bias (vLLM would drop a
   checkpoint bias that has no parameter silently);
 - a layer with no KV head left: its attention is the o_proj bias alone, with no KV cache.
@@ -17,6 +20,7 @@ Stock-shape checkpoints never reach this code: their config names the stock arch
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -53,6 +57,50 @@ class NarrowVRowLinear(RowParallelLinear):
 
     def forward(self, x: torch.Tensor):
         return super().forward(x.unflatten(-1, (-1, self.head_dim))[..., : self.width].flatten(-2))
+
+
+class NarrowVAttention(nn.Module):
+    """Attention whose KV cache holds V at `v_width` < head size (vLLM's different-K/V-width backend).
+
+    The family's code splits q/k/v at the head size (V comes padded from `PaddedVQKVLinear`): V is cut to
+    `v_width` per head before attending and caching, and the output padded back for `NarrowVRowLinear`.
+    A layer whose own V is narrower than `v_width` carries zeros up to it (the backend has one V width).
+    """
+
+    def __init__(self, inner: nn.Module, head_size: int, v_width: int):
+        super().__init__()
+        self.attn, self.head_size, self.v_width = inner, head_size, v_width
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        hd, dv = self.head_size, self.v_width
+        value = value.unflatten(-1, (-1, hd))[..., :dv].flatten(-2).contiguous()
+        out = self.attn(query, key, value)
+        return F.pad(out.unflatten(-1, (-1, dv)), (0, hd - dv)).flatten(-2)
+
+
+def native_v_width(config, cuda: bool) -> int | None:
+    """The V width the KV cache stores when the engine can hold V narrower than K: the widest V of the
+    layers with heads, where that is below the head size; None where V is padded to the head size (a CPU,
+    `FASP_BENCH_PAD_V=1`, or no narrow V)."""
+    if not cuda or os.environ.get("FASP_BENCH_PAD_V") == "1":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    widths = [dv for dv, n_kv in zip(config.v_head_dims, config.kv_heads) if n_kv > 0]
+    return max(widths) if widths and max(widths) < head_dim else None
+
+
+def _native_v_attention(old: nn.Module, v_width: int, vllm_config) -> NarrowVAttention:
+    """`old` (vLLM's Attention of the layer) rebuilt on the different-K/V-width backend at `v_width`."""
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.attention.backends.triton_attn_diffkv import TritonAttentionDiffKVBackend
+
+    TritonAttentionDiffKVBackend.set_head_size_v(v_width)  # one V width per backend class, hence the widest
+    vllm_config.compilation_config.static_forward_context.pop(old.layer_name)  # the new layer takes its name
+    inner = Attention(old.num_heads, old.head_size, old.impl.scale, num_kv_heads=old.num_kv_heads,
+                      cache_config=vllm_config.cache_config, quant_config=old.quant_config,
+                      per_layer_sliding_window=old.sliding_window, attn_type=old.attn_type,
+                      prefix=old.layer_name, attn_backend=TritonAttentionDiffKVBackend, head_size_v=v_width)
+    return NarrowVAttention(inner, old.head_size, v_width)
 
 
 class NoHeadsAttention(nn.Module):
@@ -117,8 +165,9 @@ def _row_linear(old: RowParallelLinear, input_size: int, bias: bool, cls=RowPara
     return cls(input_size, old.output_size, bias=bias, quant_config=old.quant_config, prefix=old.prefix)
 
 
-def _fit_layer(layer: nn.Module, config, index: int, vllm_config) -> None:
-    """Narrow V, added output biases and empty attention, as layer `index` of the checkpoint has them."""
+def _fit_layer(layer: nn.Module, config, index: int, vllm_config, v_width: int | None) -> None:
+    """Narrow V, added output biases and empty attention, as layer `index` of the checkpoint has them;
+    `v_width`: the width the KV cache stores V at, where the engine can (`native_v_width`)."""
     attention, mlp = layer.self_attn, layer.mlp
     n_kv, dv = config.kv_heads[index], config.v_head_dims[index]
     if n_kv == 0:
@@ -134,6 +183,8 @@ def _fit_layer(layer: nn.Module, config, index: int, vllm_config) -> None:
                                                   quant_config=qkv.quant_config, prefix=qkv.prefix, v_head_size=dv)
             attention.o_proj = _row_linear(attention.o_proj, qkv.total_num_heads * dv, o_bias, NarrowVRowLinear)
             attention.o_proj.head_dim, attention.o_proj.width = qkv.head_size, dv
+            if v_width is not None:
+                attention.attn = _native_v_attention(attention.attn, v_width, vllm_config)
         elif o_bias and attention.o_proj.bias is None:
             attention.o_proj = _row_linear(attention.o_proj, attention.o_proj.input_size, True)
     if config.ffn_output_bias and mlp.down_proj.bias is None:
@@ -148,6 +199,7 @@ def without_empty_attention(weights: Iterable[tuple[str, torch.Tensor]]) -> Iter
 def pruned_model_class(family: Family) -> type[nn.Module]:
     """vLLM's model of the family's stock architecture (or of the one it is served as), fitted per layer."""
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
 
     architecture, flags = SERVED_AS.get(family.name, (family.stock_model.__name__, {}))
     entry = ModelRegistry.models[architecture]
@@ -159,9 +211,10 @@ def pruned_model_class(family: Family) -> type[nn.Module]:
             setattr(config, key, value)
         with _per_layer_construction(config, family):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        v_width = native_v_width(config, current_platform.is_cuda())
         for index, layer in enumerate(self.model.layers):
             if not isinstance(layer, PPMissingLayer):
-                _fit_layer(layer, config, index, vllm_config)
+                _fit_layer(layer, config, index, vllm_config, v_width)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return base.load_weights(self, without_empty_attention(weights))
