@@ -33,7 +33,7 @@ from vllm.model_executor.models import utils as vllm_utils
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from pruning.arch import Family, families
-from pruning.arch.base import project_classes
+from pruning.arch.base import config_head_dim, project_classes
 
 from .plugin import OWN_FILES, SERVED_AS
 
@@ -84,7 +84,7 @@ def native_v_width(config, cuda: bool) -> int | None:
     `FASP_BENCH_PAD_V=1`, or no narrow V)."""
     if not cuda or os.environ.get("FASP_BENCH_PAD_V") == "1":
         return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config_head_dim(config)
     widths = [dv for dv, n_kv in zip(config.v_head_dims, config.kv_heads) if n_kv > 0]
     return max(widths) if widths and max(widths) < head_dim else None
 
@@ -122,7 +122,7 @@ class NoHeadsAttention(nn.Module):
 @contextmanager
 def _layer_view(config, family: Family, layer: int) -> Iterator[None]:
     """Config fields as layer `layer` of the checkpoint has them, restored afterwards."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config_head_dim(config)
     groups = config.num_attention_heads // config.num_key_value_heads
     n_kv = max(config.kv_heads[layer], 1)  # a layer with no heads is built with one, then emptied
     view = {family.ffn_width_key: config.ffn_widths[layer], "num_key_value_heads": n_kv,

@@ -102,12 +102,17 @@ class LayerShape:
 PROJECT_CONFIG_KEYS = ("ffn_widths", "kv_heads", "v_head_dims", "attn_output_bias", "ffn_output_bias")
 
 
+def config_head_dim(config: PretrainedConfig) -> int:
+    """The attention head size a config gives: `head_dim` where it has one, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class ArchAdapter:
     """One family, bound to one model's config (head size and query heads per KV head)."""
 
     def __init__(self, family: Family, config: PretrainedConfig):
         self.family = family
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = config_head_dim(config)
         kv = getattr(config, family.kv_heads_key) if family.kv_heads_key else None
         self.groups = config.num_attention_heads // (kv or config.num_attention_heads)
 
